@@ -1,0 +1,37 @@
+# sophia-lab: set-up, tests, demo. Everything installs into .venv in the repo root.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# A CPU wheel of this torch lies on the development machines; pinning it here keeps pip from
+# choosing a multi-GB CUDA build. pyproject keeps a range for real users.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: setup test test-all demo lint bench-step clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e ".[all]" $(TORCH_PIN)
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 src tests
+
+test-all: setup
+	$(BIN)/python -m pytest -q -n 2 -m "slow or not slow" src tests
+
+demo: setup
+	$(BIN)/sophia demo
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+bench-step: setup
+	$(BIN)/python benchmarks/step_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from sophia.cli import main
+
+sys.exit(main())

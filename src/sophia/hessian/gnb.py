@@ -1,0 +1,124 @@
+"""Gauss-Newton-Bartlett (GNB) estimates of the Gauss-Newton diagonal.
+
+For a loss that is the mean negative log-likelihood of an exponential-family output over N
+predictions, sample labels from the model's own output distribution, take the gradient g of
+the mean sampled-label loss, and use ``N * g**2``: its expectation over the sampled labels is
+the diagonal of the Gauss-Newton matrix of the training loss, and it is never negative.
+
+The ``*_sampled_loss`` functions build the sampled-label loss for three output families and
+report N; :func:`gnb_refresh` runs a whole refresh for an optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+# Variance of the Gaussian labels that makes N * g**2 unbiased for the Gauss-Newton diagonal
+# of torch's mean squared error (whose per-prediction curvature is 2, not 1).
+_MSE_LABEL_VARIANCE = 0.5
+
+
+class SampledLoss(NamedTuple):
+    """A mean loss over ``n`` predictions whose labels were sampled from the model."""
+
+    loss: Tensor
+    n: int
+
+
+def sample_categorical(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Class indices drawn from softmax(logits) along the last dimension."""
+    probs = torch.softmax(logits.detach().float(), dim=-1).reshape(-1, logits.shape[-1])
+    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+
+
+def categorical_sampled_loss(logits: Tensor, *, mask: Tensor | None = None,
+                             generator: torch.Generator | None = None) -> SampledLoss:
+    """Cross-entropy of ``logits`` (..., C) against labels sampled from softmax(logits).
+
+    ``mask`` (bool, shaped like ``logits[..., 0]``) keeps only the predictions that the
+    training loss counts (e.g. not padding). ``n`` is the number of predictions kept.
+    """
+    if logits.dim() < 1 or logits.shape[-1] < 2:
+        raise ValueError(f"logits must have a class dimension of size >= 2, got shape {tuple(logits.shape)}")
+    labels = sample_categorical(logits, generator)
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1)
+    if mask is not None:
+        if mask.shape != logits.shape[:-1]:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not match logits {tuple(logits.shape)}")
+        keep = mask.reshape(-1).bool()
+        flat_logits, flat_labels = flat_logits[keep], flat_labels[keep]
+    n = flat_labels.numel()
+    if n == 0:
+        raise ValueError("no predictions to sample: the mask keeps nothing")
+    return SampledLoss(F.cross_entropy(flat_logits, flat_labels), n)
+
+
+def gaussian_sampled_loss(pred: Tensor, generator: torch.Generator | None = None) -> SampledLoss:
+    """``F.mse_loss(pred, y)`` with ``y ~ N(pred, 1/2)``: GNB for a mean-squared-error loss."""
+    noise = torch.randn(pred.shape, generator=generator, device=pred.device, dtype=pred.dtype)
+    target = pred.detach() + noise * _MSE_LABEL_VARIANCE ** 0.5
+    return SampledLoss(F.mse_loss(pred, target), pred.numel())
+
+
+def bernoulli_sampled_loss(logits: Tensor, generator: torch.Generator | None = None) -> SampledLoss:
+    """``binary_cross_entropy_with_logits`` against labels ``y ~ Bernoulli(sigmoid(logits))``."""
+    target = torch.bernoulli(torch.sigmoid(logits.detach()), generator=generator)
+    return SampledLoss(F.binary_cross_entropy_with_logits(logits, target), logits.numel())
+
+
+def gnb_refresh(optimizer: torch.optim.Optimizer, sampled_loss_fn: Callable[[], SampledLoss], *,
+                max_grad_norm: float | None = None, distributed: bool | None = None) -> int:
+    """One Gauss-Newton-Bartlett refresh of ``optimizer``'s Hessian EMA; returns N.
+
+    ``sampled_loss_fn()`` runs the forward pass and returns a :class:`SampledLoss` (e.g.
+    ``categorical_sampled_loss(model(x))``). Its backward fills ``.grad``; the estimate is
+    folded in with ``optimizer.update_hessian(bs=N)``; the gradients that were in ``.grad``
+    before the call are put back, so a pending training step is not disturbed.
+
+    Under ``torch.distributed`` (``distributed=None`` means: initialised with more than one
+    rank) the forward must run through the DDP-wrapped model, whose backward averages the
+    gradients over ranks; N is then summed over ranks, so the estimate counts the global
+    batch. Ranks must use equal local batches for the average to be the global mean.
+    ``max_grad_norm`` clips the sampled-label gradient first (the authors use 1.0).
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    stashed = [p.grad for p in params]
+    stashed_ptrs = {g.data_ptr() for g in stashed if g is not None and g.numel()}
+    for p in params:
+        p.grad = None
+    try:
+        with torch.enable_grad():
+            sampled = sampled_loss_fn()
+            if not isinstance(sampled, SampledLoss):
+                raise TypeError("sampled_loss_fn must return a SampledLoss (loss, n)")
+            sampled.loss.backward()
+        if any(p.grad is not None and p.grad.numel() and p.grad.data_ptr() in stashed_ptrs
+               for p in params):
+            raise RuntimeError(
+                "the sampled-label backward wrote into the memory of the pending training "
+                "gradients (DDP with gradient_as_bucket_view=True?); call gnb_refresh after "
+                "optimizer.step() and zero_grad(), when no training gradients are pending")
+        n = int(sampled.n)
+        if distributed is None:
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
+            device = next((p.device for p in params if p.grad is not None), torch.device("cpu"))
+            if dist.get_backend() == "nccl" and device.type != "cuda":
+                device = torch.device("cuda", torch.cuda.current_device())
+            total = torch.tensor([n], dtype=torch.float64, device=device)
+            dist.all_reduce(total)
+            n = int(total.item())
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm)
+        optimizer.update_hessian(bs=n)
+    finally:
+        for p, g in zip(params, stashed):
+            p.grad = g
+    return n

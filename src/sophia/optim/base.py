@@ -1,0 +1,305 @@
+"""Shared machinery of SophiaG and SophiaH: validation, state, dispatch, Hessian EMA, diagnostics."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from sophia.optim import functional as F
+
+_COUNTERS_KEY = "sophia_counters"
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        return float(value.item())
+    if not _is_number(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def validate_group(group: Mapping[str, Any], owner: str) -> None:
+    """Raise ValueError naming the first invalid hyperparameter of a param group."""
+    lr = _as_float("lr", group["lr"])
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"{owner}: invalid lr {lr!r}: must be finite and >= 0")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"{owner}: invalid betas {betas!r}: must be a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        b = _as_float(f"betas[{i}]", b)
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{owner}: invalid betas[{i}] {b!r}: must be in [0, 1)")
+    rho = _as_float("rho", group["rho"])
+    if not (math.isfinite(rho) and rho >= 0):
+        raise ValueError(f"{owner}: invalid rho {rho!r}: must be finite and >= 0")
+    wd = _as_float("weight_decay", group["weight_decay"])
+    if not (math.isfinite(wd) and wd >= 0):
+        raise ValueError(f"{owner}: invalid weight_decay {wd!r}: must be finite and >= 0")
+    eps = _as_float("eps", group["eps"])
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{owner}: invalid eps {eps!r}: must be finite and > 0 "
+                         "(it is the floor of the denominator max(rho * h, eps))")
+    if not isinstance(group["maximize"], bool):
+        raise ValueError(f"{owner}: maximize must be a bool, got {group['maximize']!r}")
+    if group["foreach"] and group["fused"]:
+        raise ValueError(f"{owner}: foreach=True and fused=True are exclusive; choose one")
+    for p in group["params"]:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{owner}: params must be tensors, got {type(p).__name__}")
+        if p.is_complex():
+            raise ValueError(f"{owner} does not support complex parameters; optimize "
+                             "torch.view_as_real(p) as a real parameter instead")
+        if not p.is_floating_point():
+            raise ValueError(f"{owner}: parameter of dtype {p.dtype} is not floating point")
+
+
+class SophiaBase(Optimizer):
+    """Common base of :class:`~sophia.SophiaG` and :class:`~sophia.SophiaH`; not used directly."""
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        self._hessian_updates = 0
+        self._hessian_skipped = 0
+        self._warned_nonfinite = False
+        super().__init__(params, defaults)
+
+    # -- construction and persistence -----------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        validate_group(self.param_groups[-1], type(self).__name__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self._group_setdefaults().items():
+                group.setdefault(key, value)
+        for s in self.state.values():
+            if "step" in s and not torch.is_tensor(s["step"]):
+                s["step"] = torch.tensor(float(s["step"]), dtype=torch.float32)
+
+    def _group_setdefaults(self) -> dict[str, Any]:
+        return {"eps": 1e-15, "maximize": False, "foreach": None, "fused": None}
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd[_COUNTERS_KEY] = {"hessian_updates": self._hessian_updates,
+                             "hessian_skipped": self._hessian_skipped}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = state_dict.get("param_groups", [])
+        if any("capturable" in g and "eps" not in g for g in groups):
+            raise ValueError(
+                "this state_dict was saved by the authors' SophiaG (sophia.py / sophia-opt), whose "
+                "hessian is not yet multiplied by the batch size bs it was given at step(bs=...); "
+                "convert it first: opt.load_state_dict(sophia.convert_authors_state_dict(sd, bs=N))")
+        state_dict = dict(state_dict)
+        counters = state_dict.pop(_COUNTERS_KEY, {})
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            validate_group(group, type(self).__name__)
+        self._hessian_updates = int(counters.get("hessian_updates", 0))
+        self._hessian_skipped = int(counters.get("hessian_skipped", 0))
+
+    # -- state ----------------------------------------------------------------------------
+    def _state_for(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif "hessian" not in state:
+            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _params_with_grad(self, group: dict[str, Any]) -> list[Tensor]:
+        out = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
+                                   "use a dense embedding (sparse=False)")
+            out.append(p)
+        return out
+
+    def _implementation(self, group: dict[str, Any]) -> str:
+        if group["fused"]:
+            return "compiled"
+        if group["foreach"] is False:
+            return "for-loop"
+        return "foreach"
+
+    # -- the update -----------------------------------------------------------------------
+    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        if not params:
+            return
+        states = [self._state_for(p) for p in params]
+        torch._foreach_add_([s["step"] for s in states], 1.0)
+        beta1, _ = group["betas"]
+        F.sophia_update(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states],
+            [s["hessian"] for s in states],
+            lr=_as_float("lr", group["lr"]), beta1=beta1, rho=group["rho"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+            implementation=self._implementation(group))
+
+    # -- the Hessian EMA ------------------------------------------------------------------
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _resolve_estimates(self, estimates: Mapping | Sequence) -> dict[Tensor, Tensor]:
+        params = self._all_params()
+        if isinstance(estimates, Mapping):
+            known = {id(p) for p in params}
+            pairs = list(estimates.items())
+            for p, _ in pairs:
+                if id(p) not in known:
+                    raise ValueError("estimates has a key that is not a parameter of this optimizer")
+        else:
+            estimates = list(estimates)
+            if len(estimates) != len(params):
+                raise ValueError(
+                    f"estimates has {len(estimates)} entries but the optimizer has {len(params)} "
+                    "parameters; give one per parameter in param_groups order (None to skip) or a "
+                    "dict {param: estimate}")
+            pairs = list(zip(params, estimates))
+        out = {}
+        for p, e in pairs:
+            if e is None:
+                continue
+            if not isinstance(e, Tensor):
+                raise ValueError(f"a Hessian estimate must be a tensor, got {type(e).__name__}")
+            if e.shape != p.shape:
+                raise ValueError(f"Hessian estimate of shape {tuple(e.shape)} for a parameter of "
+                                 f"shape {tuple(p.shape)}")
+            if e.is_sparse or e.is_complex():
+                raise ValueError("a Hessian estimate must be a dense real tensor")
+            out[p] = e.detach().to(dtype=p.dtype, device=p.device)
+        return out
+
+    def _note_skipped(self, n: int, what: str) -> None:
+        self._hessian_skipped += n
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}: skipped a non-finite Hessian estimate for {n} "
+                f"parameter tensor(s) ({what}); their hessian EMA was left unchanged. Further skips "
+                "are counted in diagnostics()['hessian_skipped'] without warning.",
+                RuntimeWarning, stacklevel=3)
+
+    @torch.no_grad()
+    def _fold_estimates(self, estimates: dict[Tensor, Tensor]) -> None:
+        if not estimates:
+            return
+        ps = list(estimates)
+        finite = torch.stack([torch.isfinite(estimates[p]).all().cpu() for p in ps]).tolist()
+        bad = finite.count(False)
+        if bad:
+            self._note_skipped(bad, "explicit estimate with inf or nan")
+        for group in self.param_groups:
+            _, beta2 = group["betas"]
+            ids = {id(p) for p in group["params"]}
+            sel = [p for p, ok in zip(ps, finite) if ok and id(p) in ids]
+            if sel:
+                F.hessian_ema([self._state_for(p)["hessian"] for p in sel],
+                              [estimates[p] for p in sel], beta2)
+        self._hessian_updates += 1
+
+    @torch.no_grad()
+    def update_hessian(self, bs: int | None = None, *,
+                       estimates: Mapping[Tensor, Tensor | None] | Sequence[Tensor | None] | None = None
+                       ) -> None:
+        """Fold a diagonal Hessian estimate into the running ``hessian`` EMA.
+
+        Two forms (give exactly one):
+
+        * ``update_hessian(bs=N)``: Gauss-Newton-Bartlett. ``p.grad`` must hold the gradient of
+          the *mean* loss over ``N`` predictions whose labels were sampled from the model (see
+          :mod:`sophia.hessian`); the estimate is ``N * p.grad**2``.
+        * ``update_hessian(estimates=...)``: any per-parameter estimate of diag(H), either a dict
+          ``{param: tensor}`` or a sequence with one entry per parameter in ``param_groups``
+          order (``None`` skips a parameter). Used as given (no scaling).
+
+        Either way ``hessian = beta2 * hessian + (1 - beta2) * estimate``. A parameter whose
+        estimate holds inf or nan is skipped (its EMA is unchanged), counted in
+        ``diagnostics()['hessian_skipped']``, and a warning is issued the first time.
+        """
+        if (bs is None) == (estimates is None):
+            raise ValueError("update_hessian needs exactly one of bs (the number of predictions the "
+                             "sampled-label loss averaged over) or estimates")
+        if estimates is not None:
+            self._fold_estimates(self._resolve_estimates(estimates))
+            return
+        if isinstance(bs, bool) or not _is_number(bs) or not bs > 0 or not math.isfinite(bs):
+            raise ValueError(f"bs must be a positive number of predictions, got {bs!r}")
+        params = [p for g in self.param_groups for p in self._params_with_grad(g)]
+        if not params:
+            return
+        # One reduction per tensor and one sync: is bs * max|g|**2 finite in the grad's dtype?
+        amax = torch.stack([p.grad.detach().abs().amax().double().cpu() if p.numel() else
+                            torch.zeros((), dtype=torch.float64) for p in params])
+        est_max = amax * amax * float(bs)
+        limits = torch.tensor([torch.finfo(p.dtype).max for p in params], dtype=torch.float64)
+        ok = (torch.isfinite(est_max) & (est_max <= limits)).tolist()
+        bad = ok.count(False)
+        if bad:
+            self._note_skipped(bad, "gradient with inf or nan, or bs * grad**2 overflows")
+        ok_ids = {id(p) for p, fine in zip(params, ok) if fine}
+        for group in self.param_groups:
+            _, beta2 = group["betas"]
+            sel = [p for p in self._params_with_grad(group) if id(p) in ok_ids]
+            if sel:
+                F.hessian_ema_from_grads([self._state_for(p)["hessian"] for p in sel],
+                                         [p.grad for p in sel], beta2, float(bs))
+        self._hessian_updates += 1
+
+    # -- diagnostics ----------------------------------------------------------------------
+    @torch.no_grad()
+    def win_rate(self) -> float:
+        """Fraction of coordinates that the clip leaves alone: |m| < max(rho * h, eps).
+
+        Computed on request from the current ``exp_avg`` and ``hessian`` (right after ``step``
+        these are the ones that step used). The authors' tuning advice: choose rho so that this
+        stays between 0.1 and 0.5. Returns nan before the first step.
+        """
+        count, total = 0, 0
+        for group in self.param_groups:
+            ms, hs = [], []
+            for p in group["params"]:
+                s = self.state.get(p)
+                if s and "exp_avg" in s:
+                    ms.append(s["exp_avg"])
+                    hs.append(s["hessian"])
+                    total += p.numel()
+            if ms:
+                count += int(F.unclipped_count(ms, hs, group["rho"], group["eps"]).item())
+        return count / total if total else float("nan")
+
+    @torch.no_grad()
+    def hessian_norm(self) -> float:
+        """Euclidean norm of the running Hessian estimate over all parameters."""
+        hs = [s["hessian"] for s in self.state.values() if "hessian" in s and s["hessian"].numel()]
+        if not hs:
+            return 0.0
+        return float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(h.double()).cpu() for h in hs])))
+
+    def diagnostics(self) -> dict[str, float | int]:
+        """Win rate, Hessian norm, and how many Hessian refreshes were folded in or skipped."""
+        return {"win_rate": self.win_rate(), "hessian_norm": self.hessian_norm(),
+                "hessian_updates": self._hessian_updates, "hessian_skipped": self._hessian_skipped}
+

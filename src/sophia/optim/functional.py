@@ -1,0 +1,148 @@
+"""The Sophia update as pure functions over lists of tensors.
+
+One rule, three implementations that must agree:
+
+    m = b1 * m + (1 - b1) * g                    (g negated when maximizing)
+    p = p * (1 - lr * weight_decay)
+    p = p - lr * clamp(m / max(rho * h, eps), -1, 1)
+
+``h`` is the running diagonal Hessian estimate (already multiplied by the number of
+predictions for Gauss-Newton-Bartlett); refreshing it is done elsewhere
+(:func:`hessian_ema`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "hessian_ema",
+    "hessian_ema_from_grads",
+    "sophia_update",
+    "unclipped_count",
+]
+
+IMPLEMENTATIONS = ("for-loop", "foreach", "compiled")
+
+
+def sophia_update(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    hessians: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    rho: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    implementation: str = "foreach",
+) -> None:
+    """Apply one Sophia step in place to ``params`` and ``exp_avgs``."""
+    if implementation == "for-loop":
+        fn = _single_tensor
+    elif implementation == "foreach":
+        fn = _multi_tensor
+    elif implementation == "compiled":
+        fn = _compiled
+    else:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    fn(list(params), list(grads), list(exp_avgs), list(hessians),
+       float(lr), float(beta1), float(rho), float(weight_decay), float(eps), bool(maximize))
+
+
+def _single_tensor(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps, maximize):
+    for p, g, m, h in zip(params, grads, exp_avgs, hessians):
+        if maximize:
+            g = -g
+        m.lerp_(g, 1 - beta1)
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        # max(rho*h, eps): zero or negative curvature becomes eps, so the clip yields a sign step.
+        ratio = torch.div(m, h.mul(rho).clamp_(min=eps)).clamp_(-1, 1)
+        p.add_(ratio, alpha=-lr)
+
+
+def _group_by_device_dtype(*lists):
+    buckets: dict[tuple, list[list[Tensor]]] = defaultdict(lambda: [[] for _ in lists])
+    for items in zip(*lists):
+        key = (items[0].device, items[0].dtype)
+        for bucket, t in zip(buckets[key], items):
+            bucket.append(t)
+    return buckets.values()
+
+
+def _multi_tensor(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps, maximize):
+    for ps, gs, ms, hs in _group_by_device_dtype(params, grads, exp_avgs, hessians):
+        if maximize:
+            gs = torch._foreach_neg(gs)
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        denom = torch._foreach_mul(hs, rho)
+        torch._foreach_clamp_min_(denom, eps)
+        ratio = torch._foreach_div(ms, denom)
+        del denom
+        torch._foreach_clamp_min_(ratio, -1.0)
+        torch._foreach_clamp_max_(ratio, 1.0)
+        torch._foreach_add_(ps, ratio, alpha=-lr)
+
+
+def _compiled_body(params, grads, exp_avgs, hessians, lr, one_minus_beta1, rho, decay, eps, maximize: bool):
+    # Hyperparameters arrive as 0-d tensors so that a scheduler changing lr does not recompile.
+    for p, g, m, h in zip(params, grads, exp_avgs, hessians):
+        if maximize:
+            g = -g
+        m.lerp_(g, one_minus_beta1)
+        p.mul_(decay)
+        ratio = torch.div(m, torch.clamp_min(h * rho, eps)).clamp(-1, 1)
+        p.sub_(ratio * lr)
+
+
+_compiled_fn = None
+
+
+def _compiled(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps, maximize):
+    global _compiled_fn
+    if _compiled_fn is None:
+        _compiled_fn = torch.compile(_compiled_body, fullgraph=True)
+    for ps, gs, ms, hs in _group_by_device_dtype(params, grads, exp_avgs, hessians):
+        dtype = torch.float64 if ps[0].dtype == torch.float64 else torch.float32
+        device = ps[0].device
+
+        def scalar(x):
+            return torch.tensor(x, dtype=dtype, device=device)
+
+        _compiled_fn(ps, gs, ms, hs, scalar(lr), scalar(1 - beta1), scalar(rho),
+                     scalar(1 - lr * weight_decay), scalar(eps), maximize)
+
+
+def hessian_ema(hessians: Sequence[Tensor], estimates: Sequence[Tensor], beta2: float) -> None:
+    """h = beta2 * h + (1 - beta2) * estimate, in place, for each pair."""
+    for hs, es in _group_by_device_dtype(list(hessians), list(estimates)):
+        torch._foreach_mul_(hs, beta2)
+        torch._foreach_add_(hs, es, alpha=1 - beta2)
+
+
+def hessian_ema_from_grads(hessians: Sequence[Tensor], grads: Sequence[Tensor], beta2: float,
+                           scale: float) -> None:
+    """h = beta2 * h + (1 - beta2) * scale * g * g, in place (Gauss-Newton-Bartlett refresh)."""
+    for hs, gs in _group_by_device_dtype(list(hessians), list(grads)):
+        torch._foreach_mul_(hs, beta2)
+        torch._foreach_addcmul_(hs, gs, gs, value=(1 - beta2) * scale)
+
+
+def unclipped_count(exp_avgs: Sequence[Tensor], hessians: Sequence[Tensor], rho: float,
+                    eps: float) -> Tensor:
+    """Number of coordinates with |m| < max(rho * h, eps): those the clip leaves alone."""
+    total = None
+    for m, h in zip(exp_avgs, hessians):
+        n = (m.abs() < h.mul(rho).clamp_(min=eps)).sum()
+        total = n if total is None else total + n.to(total.device)
+    return total if total is not None else torch.tensor(0)

@@ -1,0 +1,92 @@
+"""SophiaG: Sophia with a Gauss-Newton-Bartlett Hessian estimate refreshed by the caller."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from sophia.optim.base import SophiaBase
+
+
+class SophiaG(SophiaBase):
+    r"""Sophia with the Gauss-Newton-Bartlett diagonal Hessian estimate (Liu et al., 2023).
+
+    .. code-block:: text
+
+        every step:      m = b1*m + (1-b1)*g
+                         p = p - lr*weight_decay*p
+                         p = p - lr*clip(m / max(rho*h, eps), 1)
+        every k steps:   (backward of the mean loss over N sampled-label predictions)
+                         update_hessian(bs=N):  h = b2*h + (1-b2) * N * grad**2
+
+    ``h`` starts at zero, so until the first :meth:`update_hessian` every coordinate is
+    clipped and the step is ``lr * sign(m)`` (sign momentum); this is the authors' behaviour.
+
+    Hyperparameters live in the param groups (per-group ``lr``, ``betas``, ``rho``,
+    ``weight_decay``, ``eps``, ``maximize``) and are saved with :meth:`state_dict`. The rho
+    values of the authors' scripts transfer unchanged because ``N`` is folded into ``h`` when
+    the estimate is taken, where the authors multiply by it at step time.
+
+    State per parameter: ``step`` (float32 scalar tensor), ``exp_avg`` and ``hessian`` (same
+    dtype, device and layout as the parameter; bf16 parameters get bf16 state).
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: learning rate (the largest per-coordinate step is ``lr``).
+        betas: (b1, b2), the EMA factors of the gradient and of the Hessian estimate.
+        rho: the paper's gamma: scales h in the denominator; larger rho, fewer clipped steps.
+        weight_decay: decoupled weight decay, multiplied by ``lr``.
+        eps: floor of the denominator ``max(rho*h, eps)``.
+        maximize: maximize the objective (negates the gradient in the momentum).
+        foreach: ``False`` selects the per-tensor loop; ``None`` or ``True`` the multi-tensor
+            (``torch._foreach_*``) path, the default.
+        fused: ``True`` selects the compiled path (``torch.compile``; compiles on the first
+            step, needs a C++ compiler on CPU or Triton on GPU).
+
+    Example:
+        >>> import torch
+        >>> from sophia import SophiaG
+        >>> from sophia.hessian import categorical_sampled_loss
+        >>> model = torch.nn.Linear(4, 3)
+        >>> opt = SophiaG(model.parameters(), lr=1e-3, rho=0.04, weight_decay=0.1)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> for step in range(20):
+        ...     loss = torch.nn.functional.cross_entropy(model(x), y)
+        ...     loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        ...     if step % 10 == 9:  # Gauss-Newton-Bartlett refresh every k = 10 steps
+        ...         sampled = categorical_sampled_loss(model(x))
+        ...         sampled.loss.backward()
+        ...         opt.update_hessian(bs=sampled.n)
+        ...         opt.zero_grad(set_to_none=True)
+        >>> opt.diagnostics()["hessian_updates"]
+        2
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.965, 0.99),
+        rho: float = 0.04,
+        weight_decay: float = 1e-1,
+        *,
+        eps: float = 1e-15,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps,
+                        maximize=maximize, foreach=foreach, fused=fused)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Take one step with the current gradients and Hessian EMA; returns closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._update_group(group, self._params_with_grad(group))
+        return loss

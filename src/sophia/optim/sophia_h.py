@@ -1,0 +1,175 @@
+"""SophiaH: Sophia with a Hutchinson Hessian estimate that the optimizer refreshes itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sophia.hessian.hutchinson import hutchinson_from_grads
+from sophia.hessian.probes import check_distribution
+from sophia.optim.base import SophiaBase
+
+
+class SophiaH(SophiaBase):
+    r"""Sophia with Hutchinson's diagonal Hessian estimate (Liu et al., 2023, Algorithm 1).
+
+    .. code-block:: text
+
+        step t (t = 1, 2, ...):
+            if t - 1 is a positive multiple of update_period:          # t = k+1, 2k+1, ...
+                u ~ Rademacher or N(0, I);  h = b2*h + (1-b2) * u * (H u)
+            m = b1*m + (1-b1)*g
+            p = p - lr*weight_decay*p
+            p = p - lr*clip(m / max(rho*h, eps), 1)
+
+    The estimate is folded into the EMA on the step that computes it and used by that same
+    step. The first ``update_period`` steps have ``h = 0``: sign-momentum steps, as in SophiaG
+    under the authors' schedule. Hutchinson estimates can be negative; ``max(rho*h, eps)``
+    turns those coordinates into sign steps. With ``maximize=True`` the curvature of the
+    negated objective is used.
+
+    Two ways to supply the Hessian-vector product on a refresh step
+    (:meth:`hessian_due` says whether the next step is one):
+
+    1. ``loss.backward(create_graph=True)`` before ``step()``: the optimizer differentiates the
+       gradients once more. Call ``zero_grad(set_to_none=True)`` after the step: a gradient
+       that carries its graph holds a reference cycle that keeps memory alive.
+    2. No second-order graph: compute the estimate with
+       :func:`sophia.hessian.hutchinson` (double backward inside the call, or
+       forward-over-reverse with ``torch.func``) and pass it to
+       ``update_hessian(estimates=...)`` before ``step()``; the step then uses it and does
+       not estimate again.
+
+    On a refresh step that has neither, ``step()`` raises ``RuntimeError`` and changes nothing.
+
+    Args:
+        params, lr, betas, rho, weight_decay, eps, maximize, foreach, fused: as in
+            :class:`~sophia.SophiaG`.
+        update_period: k, the number of steps between Hessian refreshes.
+        distribution: ``"rademacher"`` (default) or ``"gaussian"`` probes.
+        generator: optional ``torch.Generator`` for the probes (default: the global RNG).
+
+    Example:
+        >>> import torch
+        >>> from sophia import SophiaH
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> opt = SophiaH(model.parameters(), lr=1e-3, rho=0.01, update_period=5)
+        >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
+        >>> for _ in range(11):
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward(create_graph=opt.hessian_due())
+        ...     opt.step(); opt.zero_grad(set_to_none=True)
+        >>> opt.diagnostics()["hessian_updates"]
+        2
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.965, 0.99),
+        rho: float = 0.01,
+        weight_decay: float = 1e-1,
+        *,
+        eps: float = 1e-15,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        update_period: int = 10,
+        distribution: str = "rademacher",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps,
+                        maximize=maximize, foreach=foreach, fused=fused,
+                        update_period=update_period, distribution=distribution)
+        self.generator = generator
+        self._supplied: set[int] = set()
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _validate_h(self.param_groups[-1])
+
+    def _group_setdefaults(self) -> dict[str, Any]:
+        return {**super()._group_setdefaults(), "update_period": 10, "distribution": "rademacher"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_supplied", set())
+        self.__dict__.setdefault("generator", None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            _validate_h(group)
+        self._supplied = set()
+
+    def _due(self, group: dict[str, Any], p: Tensor) -> bool:
+        state = self.state.get(p)
+        done = int(state["step"].item()) if state and "step" in state else 0
+        k = group["update_period"]
+        return done > 0 and done % k == 0
+
+    def hessian_due(self) -> bool:
+        """Whether the next ``step()`` refreshes the Hessian estimate of some parameter."""
+        return any(self._due(g, p) for g in self.param_groups for p in g["params"])
+
+    def update_hessian(self, bs: int | None = None, *, estimates=None) -> None:  # noqa: D102
+        super().update_hessian(bs, estimates=estimates)
+        if estimates is not None:
+            self._supplied.update(id(p) for p in self._resolve_estimates(estimates))
+        else:
+            self._supplied.update(id(p) for g in self.param_groups for p in self._params_with_grad(g))
+
+    update_hessian.__doc__ = SophiaBase.update_hessian.__doc__
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Take one step, refreshing the Hutchinson estimate first when it is due."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(g, self._params_with_grad(g)) for g in self.param_groups]
+        due = [(g, p) for g, ps in work for p in ps if self._due(g, p) and id(p) not in self._supplied]
+        if due:
+            self._refresh(due)
+        for group, params in work:
+            self._update_group(group, params)
+        self._supplied = set()
+        return loss
+
+    def _refresh(self, due: list[tuple[dict[str, Any], Tensor]]) -> None:
+        grads = [p.grad for _, p in due]
+        if not any(g.requires_grad for g in grads):
+            raise RuntimeError(
+                f"{type(self).__name__}: this step refreshes the Hessian estimate, but the "
+                "gradients carry no graph. Either call loss.backward(create_graph=True) on the "
+                "steps where opt.hessian_due() is True, or compute the estimate with "
+                "sophia.hessian.hutchinson(loss_fn, params) and pass it to "
+                "opt.update_hessian(estimates=...) before step(). Nothing was changed.")
+        estimates: dict[Tensor, Tensor] = {}
+        by_dist: dict[str, list[tuple[dict[str, Any], Tensor]]] = {}
+        for g, p in due:
+            by_dist.setdefault(g["distribution"], []).append((g, p))
+        for distribution, items in by_dist.items():
+            ps = [p for _, p in items]
+            est = hutchinson_from_grads([p.grad for p in ps], ps, distribution=distribution,
+                                        generator=self.generator,
+                                        retain_graph=len(by_dist) > 1)
+            for (g, p), e in zip(items, est):
+                estimates[p] = e.neg_() if g["maximize"] else e
+        self._fold_estimates(estimates)
+
+
+def _validate_h(group: dict[str, Any]) -> None:
+    k = group["update_period"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"SophiaH: invalid update_period {k!r}: must be an int >= 1")
+    check_distribution(group["distribution"])
+
+
+__all__ = ["SophiaH"]
