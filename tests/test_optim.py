@@ -1,0 +1,495 @@
+"""Property tests of SophiaG and SophiaH against independent float64 references."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sophia import SophiaG, SophiaH, convert_authors_state_dict
+from sophia.optim.functional import sophia_update
+
+OPTIMIZERS = [SophiaG, SophiaH]
+IMPLS = [dict(foreach=False), dict(foreach=True), dict(fused=True)]
+IMPL_IDS = ["for-loop", "foreach", "compiled"]
+
+
+# -- an independent float64 reference of the update (spec section 1) ---------------------
+def reference_step(p, g, m, h, lr, b1, rho, wd, eps, maximize):
+    g = -g if maximize else g
+    m = b1 * m + (1 - b1) * g
+    p = p * (1 - lr * wd)
+    ratio = m / torch.maximum(rho * h, torch.full_like(h, eps))
+    p = p - lr * torch.clamp(ratio, -1.0, 1.0)
+    return p, m
+
+
+def _params(shapes, dtype=torch.float64):
+    return [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+GROUP_SETTINGS = [
+    dict(lr=0.01, betas=(0.9, 0.95), rho=0.05, weight_decay=0.1),
+    dict(lr=0.003, betas=(0.965, 0.99), rho=0.5, weight_decay=0.0, maximize=True),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_update_matches_float64_reference(cls, impl):
+    torch.manual_seed(1)
+    shapes = [[(3, 4), (5,)], [(2, 2, 2), (0,)]]  # a zero-size parameter included
+    groups = [dict(params=_params(s), **kw) for s, kw in zip(shapes, GROUP_SETTINGS)]
+    extra = dict(update_period=10 ** 6) if cls is SophiaH else {}  # refreshes given explicitly
+    opt = cls(groups, lr=1.0, eps=1e-12, **extra, **impl)
+    ref = {id(p): (p.detach().clone(), torch.zeros_like(p), torch.zeros_like(p))
+           for g in groups for p in g["params"]}
+    for t in range(40):
+        for g in groups:
+            for p in g["params"]:
+                p.grad = torch.randn_like(p)
+        if t % 7 == 3:  # one parameter without a gradient on some steps
+            groups[0]["params"][1].grad = None
+        opt.step()
+        for g, kw in zip(groups, GROUP_SETTINGS):
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                rp, rm, rh = ref[id(p)]
+                rp, rm = reference_step(rp, p.grad, rm, rh, kw["lr"], kw["betas"][0], kw["rho"],
+                                        kw["weight_decay"], 1e-12, kw.get("maximize", False))
+                ref[id(p)] = (rp, rm, rh)
+        if t % 5 == 4:  # refresh: half with N * grad**2, half with explicit (signed) estimates
+            if t % 10 == 4:
+                opt.update_hessian(bs=64)
+                new = {id(p): 64 * p.grad ** 2 for g in groups for p in g["params"] if p.grad is not None}
+            else:
+                flat = [p for g in groups for p in g["params"]]
+                est = [torch.randn_like(p) for p in flat]
+                opt.update_hessian(estimates=est)
+                new = {id(p): e for p, e in zip(flat, est)}
+            for g, kw in zip(groups, GROUP_SETTINGS):
+                for p in g["params"]:
+                    if id(p) in new:
+                        rp, rm, rh = ref[id(p)]
+                        b2 = kw["betas"][1]
+                        ref[id(p)] = (rp, rm, b2 * rh + (1 - b2) * new[id(p)])
+    for g in groups:
+        for p in g["params"]:
+            rp, rm, rh = ref[id(p)]
+            torch.testing.assert_close(p.detach(), rp, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(opt.state[p]["exp_avg"], rm, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(opt.state[p]["hessian"], rh, rtol=1e-10, atol=1e-12)
+    assert opt.diagnostics()["hessian_updates"] == 8
+
+
+def _random_lists(n_tensors=5, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 3), (11,), (0,), (2, 3, 4), (1,)][:n_tensors]
+    mk = [lambda s: torch.randn(s, generator=g, dtype=dtype),
+          lambda s: torch.randn(s, generator=g, dtype=dtype),
+          lambda s: torch.randn(s, generator=g, dtype=dtype),
+          lambda s: torch.randn(s, generator=g, dtype=dtype).abs() * torch.randint(0, 2, s, generator=g)]
+    return [[f(s) for s in shapes] for f in mk]
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_foreach_and_compiled_equal_for_loop(maximize):
+    base = _random_lists()
+    results = {}
+    for impl in ("for-loop", "foreach", "compiled"):
+        ps, gs, ms, hs = [[t.clone() for t in lst] for lst in base]
+        for _ in range(3):
+            sophia_update(ps, gs, ms, hs, lr=0.1, beta1=0.9, rho=0.3, weight_decay=0.2, eps=1e-12,
+                          maximize=maximize, implementation=impl)
+        results[impl] = (ps, ms)
+    for impl in ("foreach", "compiled"):
+        for a, b in zip(results["for-loop"][0] + results["for-loop"][1], results[impl][0] + results[impl][1]):
+            if impl == "foreach":
+                assert torch.equal(a, b), "foreach differs from the for-loop in float64"
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_compiled_float32_close_to_eager():
+    base = _random_lists(dtype=torch.float32, seed=3)
+    out = {}
+    for impl in ("foreach", "compiled"):
+        ps, gs, ms, hs = [[t.clone() for t in lst] for lst in base]
+        sophia_update(ps, gs, ms, hs, lr=0.01, beta1=0.965, rho=0.04, weight_decay=0.1, eps=1e-15,
+                      maximize=False, implementation=impl)
+        out[impl] = ps + ms
+    for a, b in zip(out["foreach"], out["compiled"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_first_steps_are_sign_momentum_and_scheduler_drives_lr(cls):
+    # h = 0 before any refresh: every coordinate is clipped, the step is exactly lr_t * sign(m).
+    p = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    opt = cls([p], lr=0.1, weight_decay=0.0, **({"update_period": 100} if cls is SophiaH else {}))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    for t in range(5):
+        p.grad = torch.randn_like(p)
+        before = p.detach().clone()
+        opt.step()
+        sched.step()
+        m = opt.state[p]["exp_avg"]
+        torch.testing.assert_close(p.detach() - before, -0.1 * 0.5 ** t * torch.sign(m), rtol=0, atol=1e-15)
+    assert opt.win_rate() == 0.0
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_goes_downhill_on_a_small_model(cls):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    opt = cls(model.parameters(), lr=1e-2, weight_decay=0.0,
+              **({"update_period": 5} if cls is SophiaH else {}))
+    first = F.cross_entropy(model(x), y).item()
+    for t in range(60):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(create_graph=cls is SophiaH and opt.hessian_due())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cls is SophiaG and t % 5 == 4:
+            from sophia import categorical_sampled_loss, gnb_refresh
+            gnb_refresh(opt, lambda: categorical_sampled_loss(model(x)))
+    last = F.cross_entropy(model(x), y).item()
+    assert last < 0.7 * first, (first, last)
+    assert opt.diagnostics()["hessian_updates"] >= 11
+    assert 0.0 < opt.win_rate() <= 1.0
+
+
+# -- SophiaH's own refresh -----------------------------------------------------------------
+def test_sophiah_folds_the_estimate_on_the_step_that_computes_it():
+    # Diagonal quadratic: a Rademacher Hutchinson estimate u*(Hu) = u**2 * lam = lam exactly.
+    lam = torch.tensor([0.5, 2.0, 8.0], dtype=torch.float64)
+    x = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    k, b1, b2, rho, lr = 3, 0.9, 0.8, 0.5, 0.05
+    opt = SophiaH([x], lr=lr, betas=(b1, b2), rho=rho, weight_decay=0.0, update_period=k)
+    rp, rm, rh = x.detach().clone(), torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for t in range(1, 12):
+        due = opt.hessian_due()
+        assert due == (t > 1 and (t - 1) % k == 0), t
+        loss = 0.5 * (lam * x * x).sum()
+        loss.backward(create_graph=due)
+        g = x.grad.detach().clone()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if due:
+            rh = b2 * rh + (1 - b2) * lam
+        rp, rm = reference_step(rp, g, rm, rh, lr, b1, rho, 0.0, 1e-15, False)
+        torch.testing.assert_close(x.detach(), rp, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(opt.state[x]["hessian"], rh, rtol=1e-12, atol=1e-14)
+    assert opt.diagnostics()["hessian_updates"] == 3
+
+
+def test_sophiah_without_graph_raises_and_changes_nothing():
+    x = torch.randn(4, requires_grad=True)
+    opt = SophiaH([x], update_period=1)
+    x.grad = torch.randn(4)
+    opt.step()  # step 1: no refresh due
+    assert opt.hessian_due()
+    (x ** 4).sum().backward()  # no create_graph
+    before = copy.deepcopy(opt.state_dict()), x.detach().clone()
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        opt.step()
+    assert torch.equal(x.detach(), before[1])
+    assert opt.state[x]["step"].item() == 1.0
+
+
+def test_sophiah_closure_estimator_path_needs_no_create_graph():
+    lam = torch.tensor([1.0, 10.0], dtype=torch.float64)
+    x = torch.tensor([1.0, 1.0], dtype=torch.float64, requires_grad=True)
+    opt = SophiaH([x], betas=(0.9, 0.5), update_period=1)
+    from sophia import hutchinson
+
+    def loss_fn(ps):
+        return 0.5 * (lam * ps[0] ** 2).sum()
+
+    for _ in range(3):
+        if opt.hessian_due():
+            opt.update_hessian(estimates=hutchinson(loss_fn, [x], method="forward_over_reverse"))
+        loss_fn([x]).backward()  # plain backward
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    # refreshes after steps 1 and 2, each exactly lam: h = 0.5*(0.5*lam) + 0.5*lam
+    torch.testing.assert_close(opt.state[x]["hessian"], 0.75 * lam)
+    assert opt.diagnostics()["hessian_updates"] == 2
+
+
+def test_sophiah_maximize_uses_curvature_of_negated_objective():
+    lam = torch.tensor([2.0, 4.0], dtype=torch.float64)
+    x = torch.tensor([1.0, 1.0], dtype=torch.float64, requires_grad=True)
+    opt = SophiaH([x], betas=(0.9, 0.0), update_period=1, maximize=True)
+    for _ in range(2):
+        (-0.5 * (lam * x * x).sum()).backward(create_graph=opt.hessian_due())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.testing.assert_close(opt.state[x]["hessian"], lam)
+
+
+# -- state_dict ------------------------------------------------------------------------------
+def _train(model, opt, steps, data_seed, refresh_every=3):
+    g = torch.Generator().manual_seed(data_seed)
+    for t in range(steps):
+        x = torch.randn(16, 5, generator=g)
+        y = torch.randint(0, 3, (16,), generator=g)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(create_graph=isinstance(opt, SophiaH) and opt.hessian_due())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if isinstance(opt, SophiaG) and t % refresh_every == refresh_every - 1:
+            from sophia import categorical_sampled_loss, gnb_refresh
+            gnb_refresh(opt, lambda x=x: categorical_sampled_loss(model(x), generator=g))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_state_dict_round_trip_then_both_continue_bitwise_equal(cls):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    extra = dict(update_period=2) if cls is SophiaH else {}
+    opt = cls([{"params": model[0].parameters(), "lr": 1e-2},
+               {"params": model[2].parameters(), "rho": 0.2, "weight_decay": 0.0}], lr=3e-3, **extra)
+    _train(model, opt, 7, data_seed=1)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    model2 = copy.deepcopy(model)
+    for p in model2.parameters():
+        p.data.normal_()
+    opt2 = cls([{"params": model2[0].parameters()}, {"params": model2[2].parameters()}], lr=0.5, **extra)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.param_groups[0]["lr"] == 1e-2 and opt2.param_groups[1]["rho"] == 0.2
+    assert opt2.diagnostics()["hessian_updates"] == opt.diagnostics()["hessian_updates"] > 0
+    if cls is SophiaH:
+        opt.generator = torch.Generator().manual_seed(5)
+        opt2.generator = torch.Generator().manual_seed(5)
+    _train(model, opt, 6, data_seed=2)
+    _train(model2, opt2, 6, data_seed=2)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(opt.state.values(), opt2.state.values()):
+        assert torch.equal(a["hessian"], b["hessian"]) and torch.equal(a["exp_avg"], b["exp_avg"])
+
+
+def test_authors_state_dict_converts_and_continues_like_theirs():
+    sophia_opt = pytest.importorskip("sophia_opt")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4).double()
+    theirs = sophia_opt.SophiaG(model.parameters(), lr=1e-2, rho=0.05, weight_decay=0.1)
+    bs = 40
+    g = torch.Generator().manual_seed(0)
+
+    def run(m, opt, steps, ours):
+        for t in range(steps):
+            x = torch.randn(bs, 6, generator=g, dtype=torch.float64)
+            y = torch.randint(0, 4, (bs,), generator=g)
+            F.cross_entropy(m(x), y).backward()
+            if ours:
+                opt.step()
+            else:
+                opt.step(bs=bs)
+            opt.zero_grad(set_to_none=True)
+            if t % 2 == 1:
+                F.cross_entropy(m(x), y).backward()  # any gradient stands in for the sampled one
+                if ours:
+                    opt.update_hessian(bs=bs)
+                else:
+                    opt.update_hessian()
+                opt.zero_grad(set_to_none=True)
+
+    run(model, theirs, 6, ours=False)
+    sd = copy.deepcopy(theirs.state_dict())
+    mine_model = copy.deepcopy(model)
+    mine = SophiaG(mine_model.parameters())
+    with pytest.raises(ValueError, match="convert_authors_state_dict"):
+        mine.load_state_dict(sd)
+    mine.load_state_dict(convert_authors_state_dict(sd, bs=bs))
+    assert mine.param_groups[0]["rho"] == 0.05 and mine.param_groups[0]["lr"] == 1e-2
+    g_state = g.get_state()
+    run(model, theirs, 6, ours=False)
+    g.set_state(g_state)
+    run(mine_model, mine, 6, ours=True)
+    for a, b in zip(model.parameters(), mine_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# -- dtypes and odd parameters ---------------------------------------------------------------
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_bf16_parameters_step_like_float64_then_rounded(cls):
+    # Each bf16 step equals the float64 formula applied to the bf16 values, up to bf16 rounding.
+    torch.manual_seed(0)
+    p = torch.randn(300).to(torch.bfloat16).requires_grad_(True)
+    lr, wd, b1, rho = 1e-2, 0.1, 0.965, 0.04
+    opt = cls([p], lr=lr, weight_decay=wd, rho=rho, **(dict(update_period=10 ** 6) if cls is SophiaH else {}))
+    for t in range(12):
+        p.grad = torch.randn(300).to(torch.bfloat16)
+        st = opt.state.get(p, {})
+        m0 = st["exp_avg"].double() if st else torch.zeros(300, dtype=torch.float64)
+        h0 = st["hessian"].double() if st else torch.zeros(300, dtype=torch.float64)
+        ref_p, ref_m = reference_step(p.detach().double(), p.grad.double(), m0, h0, lr, b1, rho, wd, 1e-15, False)
+        opt.step()
+        assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+        assert opt.state[p]["hessian"].dtype == torch.bfloat16
+        torch.testing.assert_close(p.detach().double(), ref_p, rtol=2 ** -7, atol=lr * 2 ** -5)
+        torch.testing.assert_close(opt.state[p]["exp_avg"].double(), ref_m, rtol=2 ** -7, atol=1e-3)
+        if t % 4 == 3:
+            opt.update_hessian(bs=10)
+    assert opt.hessian_norm() > 0
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_complex_parameters_are_refused(cls):
+    with pytest.raises(ValueError, match="complex"):
+        cls([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_sparse_gradients_are_refused(cls):
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = cls(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_params_without_grad_get_no_state(cls):
+    a, b = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    opt = cls([a, b])
+    a.grad = torch.randn(3)
+    opt.step()
+    opt.update_hessian(bs=4)
+    assert b not in opt.state and torch.equal(opt.state[a]["step"], torch.tensor(1.0))
+
+
+# -- bad input ---------------------------------------------------------------------------------
+BAD_ARGS = [
+    ("lr", dict(lr=-1.0)), ("lr", dict(lr=float("nan"))), ("betas", dict(betas=(1.0, 0.99))),
+    ("betas", dict(betas=(0.9, -0.1))), ("betas", dict(betas=(0.9,))), ("rho", dict(rho=-0.1)),
+    ("weight_decay", dict(weight_decay=-1e-3)), ("eps", dict(eps=0.0)), ("eps", dict(eps=-1.0)),
+    ("lr", dict(lr="fast")), ("foreach", dict(foreach=True, fused=True)),
+]
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("name,kwargs", BAD_ARGS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD_ARGS)])
+def test_bad_arguments_raise_value_error_naming_them(cls, name, kwargs):
+    with pytest.raises(ValueError, match=name):
+        cls([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(update_period=0), dict(update_period=2.5),
+                                    dict(distribution="uniform")])
+def test_sophiah_bad_arguments(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        SophiaH([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+def test_bad_param_group_is_refused_when_added():
+    opt = SophiaG([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(ValueError, match="rho"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "rho": -1})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), "exactly one"), (dict(bs=0), "bs"), (dict(bs=True), "bs"),
+    (dict(bs=4, estimates=[None]), "exactly one"), (dict(estimates=[torch.zeros(3)]), "shape"),
+    (dict(estimates=[None, None]), "entries"), (dict(estimates={torch.zeros(2): torch.zeros(2)}), "not a parameter"),
+])
+def test_update_hessian_bad_input(kwargs, match):
+    opt = SophiaG([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(ValueError, match=match):
+        opt.update_hessian(**kwargs)
+
+
+def test_nonfinite_hessian_estimate_is_skipped_counted_and_warned_once():
+    a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    opt = SophiaG([a, b], betas=(0.9, 0.5))
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.update_hessian(estimates=[torch.tensor([1.0, float("nan"), 1.0]), torch.full((3,), 2.0)])
+    assert "hessian" not in opt.state[a]  # skipped: never touched
+    assert torch.equal(opt.state[b]["hessian"], torch.full((3,), 1.0))
+    a.grad, b.grad = torch.tensor([float("inf"), 0.0, 0.0]), torch.ones(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.update_hessian(bs=2)  # a skipped again, silently
+    assert "hessian" not in opt.state[a]
+    assert torch.equal(opt.state[b]["hessian"], torch.full((3,), 1.5))
+    d = opt.diagnostics()
+    assert d["hessian_skipped"] == 2 and d["hessian_updates"] == 2
+
+
+def test_overflowing_gnb_estimate_is_skipped():
+    a = torch.ones(2, requires_grad=True)
+    opt = SophiaG([a])
+    a.grad = torch.tensor([1e30, 1.0])  # bs * g**2 overflows float32
+    with pytest.warns(RuntimeWarning):
+        opt.update_hessian(bs=10)
+    assert "hessian" not in opt.state[a]
+    assert opt.diagnostics()["hessian_skipped"] == 1
+
+
+def test_win_rate_and_hessian_norm_against_formula():
+    p = torch.zeros(4, requires_grad=True)
+    opt = SophiaG([p], rho=0.5)
+    p.grad = torch.zeros(4)
+    opt.step()
+    opt.state[p]["exp_avg"].copy_(torch.tensor([0.1, -0.1, 2.0, 0.0]))
+    opt.state[p]["hessian"].copy_(torch.tensor([1.0, 0.1, 1.0, 3.0]))
+    # |m| < max(0.5 h, eps): 0.1 < 0.5 yes; 0.1 < 0.05 no; 2 < 0.5 no; 0 < 1.5 yes
+    assert opt.win_rate() == 0.5
+    assert math.isclose(opt.hessian_norm(), math.sqrt(1 + 0.01 + 1 + 9), rel_tol=1e-6)
+
+
+# -- the paper's motivating case ---------------------------------------------------------------
+def _steps_to_target(make, lr, exact_curvature, lam, x0, target, max_steps=300):
+    x = x0.clone().requires_grad_(True)
+    opt = make([x], lr)
+    for t in range(max_steps + 1):
+        loss = 0.5 * (lam * x * x).sum()
+        if loss.item() <= target:
+            return t
+        if exact_curvature:
+            opt.update_hessian(estimates=[lam])
+        loss.backward(create_graph=isinstance(opt, SophiaH) and opt.hessian_due())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return math.inf
+
+
+def test_heterogeneous_curvature_sophia_needs_far_fewer_steps_than_tuned_adam():
+    """Curvatures 1e-2 .. 1e2 on one loss: Adam-type steps ignore them, Sophia's divide by them.
+
+    Every optimizer gets the same lr grid and a small momentum grid, and is judged at its
+    best setting by the steps to reduce the loss by 1e6. SophiaG gets the exact diagonal,
+    SophiaH estimates it by Hutchinson through create_graph backward (exact here: the
+    Hessian is diagonal and the probes are Rademacher).
+    """
+    dt = torch.float64
+    lam = torch.logspace(-2, 2, 10, dtype=dt)
+    x0 = torch.randn(10, generator=torch.Generator().manual_seed(1), dtype=dt) * 3
+    target = 1e-6 * (0.5 * (lam * x0 * x0).sum()).item()
+    lrs = [10 ** (e / 2) for e in range(-4, 3)]  # 1e-2 .. 10
+    adam_betas = [(0.9, 0.999), (0.9, 0.99), (0.5, 0.9), (0.0, 0.99)]
+    b1s = [0.0, 0.5, 0.9]
+    adam = min(_steps_to_target(lambda p, lr, b=b: torch.optim.Adam(p, lr=lr, betas=b), lr, False,
+                                lam, x0, target) for b in adam_betas for lr in lrs)
+    g = min(_steps_to_target(lambda p, lr, b1=b1: SophiaG(p, lr=lr, rho=1.0, betas=(b1, 0.0),
+                                                          weight_decay=0.0), lr, True, lam, x0, target)
+            for b1 in b1s for lr in lrs)
+    h = min(_steps_to_target(lambda p, lr, b1=b1: SophiaH(p, lr=lr, rho=1.0, betas=(b1, 0.0), weight_decay=0.0,
+                                                          update_period=1), lr, False, lam, x0, target)
+            for b1 in b1s for lr in lrs)
+    assert math.isfinite(adam) and adam >= 15, adam  # tuned Adam does converge, but slowly
+    assert 3 * g <= adam, (g, adam)
+    assert 3 * h <= adam, (h, adam)
