@@ -56,7 +56,7 @@ def run_demo(steps: int = 600, seed: int = 0, k: int = 10, batch: int = 256) -> 
             passes += 1
             if name == "sophiag" and step % k == k - 1:
                 xh, _ = data(batch, g)
-                gnb_refresh(opt, lambda xh=xh: categorical_sampled_loss(model(xh)))
+                gnb_refresh(opt, lambda xh=xh, model=model: categorical_sampled_loss(model(xh)))
                 passes += 1
             if step % 100 == 99 or step == steps - 1:
                 with torch.no_grad():

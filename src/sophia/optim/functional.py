@@ -113,14 +113,11 @@ def _compiled(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, e
     if _compiled_fn is None:
         _compiled_fn = torch.compile(_compiled_body, fullgraph=True)
     for ps, gs, ms, hs in _group_by_device_dtype(params, grads, exp_avgs, hessians):
+        # float64 parameters get float64 scalars; others float32 (the op math of half types).
         dtype = torch.float64 if ps[0].dtype == torch.float64 else torch.float32
-        device = ps[0].device
-
-        def scalar(x):
-            return torch.tensor(x, dtype=dtype, device=device)
-
-        _compiled_fn(ps, gs, ms, hs, scalar(lr), scalar(1 - beta1), scalar(rho),
-                     scalar(1 - lr * weight_decay), scalar(eps), maximize)
+        scalars = torch.tensor([lr, 1 - beta1, rho, 1 - lr * weight_decay, eps], dtype=dtype,
+                               device=ps[0].device).unbind()
+        _compiled_fn(ps, gs, ms, hs, *scalars, maximize)
 
 
 def hessian_ema(hessians: Sequence[Tensor], estimates: Sequence[Tensor], beta2: float) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks: the optimizer step's cost (more sub-commands arrive with the benchmark issue)."""

@@ -1,0 +1,193 @@
+"""``sophia bench step``: the cost of one optimizer step, side by side in one process.
+
+Every variant owns a copy of the same parameter set (shapes of a GPT-like model) with
+gradients and a non-trivial state; rounds time one step of each variant in a shuffled order,
+so machine noise hits all of them alike; medians after warm-up. Ratios are to torch
+AdamW(fused=True). The floor of a variant is the bytes it must move per step (read and
+write of every tensor stream) over the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sophia.bench.machine import machine_info
+from sophia.optim import SophiaG, SophiaH
+
+
+def gpt_like_shapes(n_layer: int, d: int, vocab: int, block: int) -> list[tuple[int, ...]]:
+    """Parameter shapes of a GPT-2-style decoder with tied embeddings."""
+    shapes: list[tuple[int, ...]] = [(vocab, d), (block, d)]
+    for _ in range(n_layer):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,),
+                   (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+PRESETS = {
+    "30m": dict(n_layer=8, d=512, vocab=8192, block=1024),     # ~30M parameters
+    "gpt2-small": dict(n_layer=12, d=768, vocab=50304, block=1024),  # ~124M
+    "quick": dict(n_layer=2, d=128, vocab=1024, block=128),    # ~0.6M, for tests
+}
+
+# Tensor streams each variant reads or writes per parameter element per step.
+STREAMS = {"sophiag": 6, "sophiah": 6, "adamw": 7, "lion": 5}
+
+
+@dataclass
+class Variant:
+    name: str
+    family: str
+    step: Callable[[], None]
+    bytes_per_step: int
+
+
+def _make_params(shapes, dtype, grads):
+    g = torch.Generator().manual_seed(0)
+    params = []
+    for s, grad in zip(shapes, grads):
+        p = torch.randn(s, generator=g).to(dtype).requires_grad_(True)
+        p.grad = grad  # read-only for every optimizer: one copy shared by all variants
+        params.append(p)
+    return params
+
+
+def _variants(shapes, dtype, include_compiled: bool) -> list[Variant]:
+    n = sum(torch.Size(s).numel() for s in shapes)
+    elem = torch.empty((), dtype=dtype).element_size()
+    out: list[Variant] = []
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+
+    def add(name, family, opt_factory, step_fn=None):
+        params = _make_params(shapes, dtype, grads)
+        opt = opt_factory(params)
+        if isinstance(opt, (SophiaG, SophiaH)):
+            opt.step()  # create state, then give it a realistic Hessian EMA
+            opt.update_hessian(bs=1000)
+        fn = step_fn(opt) if step_fn else opt.step
+        out.append(Variant(name, family, fn, STREAMS[family] * n * elem))
+
+    add("SophiaG for-loop", "sophiag", lambda ps: SophiaG(ps, lr=1e-4, foreach=False))
+    add("SophiaG foreach", "sophiag", lambda ps: SophiaG(ps, lr=1e-4, foreach=True))
+    if include_compiled:
+        add("SophiaG fused (compiled)", "sophiag", lambda ps: SophiaG(ps, lr=1e-4, fused=True))
+    add("SophiaH step (no refresh)", "sophiah",
+        lambda ps: SophiaH(ps, lr=1e-4, update_period=10 ** 9))
+    add("AdamW for-loop", "adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=False))
+    add("AdamW foreach", "adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True))
+    add("AdamW fused", "adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True))
+    try:
+        import sophia_opt
+
+        add("authors' SophiaG (sophia-opt)", "sophiag",
+            lambda ps: sophia_opt.SophiaG(ps, lr=1e-4),
+            step_fn=lambda opt: (lambda: opt.step(bs=5120)))
+    except ImportError:
+        pass
+    try:
+        from pytorch_optimizer import Lion
+
+        add("Lion (pytorch-optimizer)", "lion", lambda ps: Lion(ps, lr=1e-4))
+    except ImportError:
+        pass
+    return out
+
+
+def copy_bandwidth(n_bytes: int = 1 << 28, repeats: int = 7) -> float:
+    """Bytes per second of a large tensor copy (read + write), median of repeats."""
+    src = torch.ones(n_bytes // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * n_bytes / statistics.median(times[1:])
+
+
+def run(preset: str = "30m", dtype: str = "float32", rounds: int = 15, warmup: int = 3,
+        include_compiled: bool = True, seed: int = 0) -> dict:
+    shapes = gpt_like_shapes(**PRESETS[preset])
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    variants = _variants(shapes, torch_dtype, include_compiled)
+    for v in variants:  # compile, allocate, fault pages in
+        v.step()
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    bandwidths = []
+    rng = random.Random(seed)
+    for r in range(warmup + rounds):
+        order = variants[:]
+        rng.shuffle(order)
+        for v in order:
+            t = time.perf_counter()
+            v.step()
+            dt = time.perf_counter() - t
+            if r >= warmup:
+                times[v.name].append(dt)
+        if r >= warmup and r % 3 == 0:
+            bandwidths.append(copy_bandwidth(repeats=3))
+    bandwidth = statistics.median(bandwidths) if bandwidths else copy_bandwidth()
+    ref = statistics.median(times["AdamW fused"])
+    rows = []
+    for v in variants:
+        med = statistics.median(times[v.name])
+        floor = v.bytes_per_step / bandwidth
+        rows.append({"variant": v.name, "median_ms": med * 1e3,
+                     "iqr_ms": (statistics.quantiles(times[v.name], n=4)[2]
+                                - statistics.quantiles(times[v.name], n=4)[0]) * 1e3,
+                     "ratio_to_adamw_fused": med / ref, "floor_ms": floor * 1e3,
+                     "times_floor": med / floor, "bytes_per_step": v.bytes_per_step})
+    n = sum(torch.Size(s).numel() for s in shapes)
+    return {"preset": preset, "dtype": dtype, "parameters": n, "tensors": len(shapes),
+            "rounds": rounds, "warmup": warmup, "copy_bandwidth_GBps": bandwidth / 1e9,
+            "machine": machine_info(), "rows": rows,
+            "state_bytes_per_parameter": {"SophiaG/SophiaH": 2 * torch.empty((), dtype=torch_dtype).element_size(),
+                                          "AdamW": 2 * torch.empty((), dtype=torch_dtype).element_size()}}
+
+
+def report(result: dict, command: str) -> str:
+    m = result["machine"]
+    lines = [
+        f"# Optimizer step cost: {result['preset']} ({result['parameters'] / 1e6:.1f}M parameters in "
+        f"{result['tensors']} tensors, {result['dtype']})", "",
+        f"Command: `{command}`", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"Python {m['python']}. Copy bandwidth measured in the same run: "
+        f"{result['copy_bandwidth_GBps']:.1f} GB/s.", "",
+        f"Medians over {result['rounds']} interleaved rounds after {result['warmup']} warm-up rounds.", "",
+        "| variant | median ms | IQR ms | / AdamW fused | byte floor ms | x floor |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['variant']} | {r['median_ms']:.2f} | {r['iqr_ms']:.2f} | "
+                     f"{r['ratio_to_adamw_fused']:.2f}x | {r['floor_ms']:.2f} | {r['times_floor']:.2f} |")
+    lines += ["", "Byte floor: streams per element (SophiaG/H 6: read p, g, m, h, write p, m; AdamW 7; "
+              "Lion 5) x element size x parameters / copy bandwidth.",
+              "Optimizer state per parameter: SophiaG/SophiaH 2 tensors (exp_avg, hessian), "
+              "AdamW 2 (exp_avg, exp_avg_sq), Lion 1."]
+    return "\n".join(lines) + "\n"
+
+
+def main(out_dir: str, preset: str, dtype: str, rounds: int, quick: bool, compiled: bool) -> None:
+    if quick:
+        preset, rounds = "quick", 5
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "sophia " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "sophia bench step"
+    result = run(preset=preset, dtype=dtype, rounds=rounds, include_compiled=compiled)
+    result["command"] = command
+    text = report(result, command)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "report.md").write_text(text)
+    print(text)
