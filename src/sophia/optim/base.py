@@ -17,6 +17,16 @@ from sophia.optim import functional as F
 _COUNTERS_KEY = "sophia_counters"
 
 
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _global_scalar(t: Tensor) -> Tensor:
+    """A reduction over a DTensor as a plain tensor (a collective: every rank must call it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool)
 
@@ -206,7 +216,8 @@ class SophiaBase(Optimizer):
         if not estimates:
             return
         ps = list(estimates)
-        finite = torch.stack([torch.isfinite(estimates[p]).all().cpu() for p in ps]).tolist()
+        # Checked per local shard under FSDP: a rank skips only its own non-finite shard.
+        finite = torch.stack([torch.isfinite(_local(estimates[p])).all().cpu() for p in ps]).tolist()
         bad = finite.count(False)
         if bad:
             self._note_skipped(bad, "explicit estimate with inf or nan")
@@ -250,8 +261,10 @@ class SophiaBase(Optimizer):
         if not params:
             return
         # One reduction per tensor and one sync: is bs * max|g|**2 finite in the grad's dtype?
-        amax = torch.stack([p.grad.detach().abs().amax().double().cpu() if p.numel() else
-                            torch.zeros((), dtype=torch.float64) for p in params])
+        # Under FSDP each rank checks its local shard.
+        grads = [_local(p.grad.detach()) for p in params]
+        amax = torch.stack([g.abs().amax().double().cpu() if g.numel() else
+                            torch.zeros((), dtype=torch.float64) for g in grads])
         est_max = amax * amax * float(bs)
         limits = torch.tensor([torch.finfo(p.dtype).max for p in params], dtype=torch.float64)
         ok = (torch.isfinite(est_max) & (est_max <= limits)).tolist()
@@ -273,8 +286,9 @@ class SophiaBase(Optimizer):
         """Fraction of coordinates that the clip leaves alone: |m| < max(rho * h, eps).
 
         Computed on request from the current ``exp_avg`` and ``hessian`` (right after ``step``
-        these are the ones that step used). The authors' tuning advice: choose rho so that this
-        stays between 0.1 and 0.5. Returns nan before the first step.
+        these are the ones that step used). Under FSDP2 it is a collective: call it on every
+        rank. The authors' tuning advice: choose rho so that this stays between 0.1 and 0.5.
+        Returns nan before the first step.
         """
         count, total = 0, 0
         for group in self.param_groups:
@@ -286,7 +300,7 @@ class SophiaBase(Optimizer):
                     hs.append(s["hessian"])
                     total += p.numel()
             if ms:
-                count += int(F.unclipped_count(ms, hs, group["rho"], group["eps"]).item())
+                count += int(_global_scalar(F.unclipped_count(ms, hs, group["rho"], group["eps"])).item())
         return count / total if total else float("nan")
 
     @torch.no_grad()
@@ -296,7 +310,7 @@ class SophiaBase(Optimizer):
         if not hs:
             return 0.0
         return float(torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(h.double()).cpu() for h in hs])))
+            torch.stack([_global_scalar(torch.linalg.vector_norm(h.double())).cpu() for h in hs])))
 
     def diagnostics(self) -> dict[str, float | int]:
         """Win rate, Hessian norm, and how many Hessian refreshes were folded in or skipped."""
