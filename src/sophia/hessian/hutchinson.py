@@ -93,6 +93,9 @@ def hutchinson(loss_fn: Callable[[Sequence[Tensor]], Tensor], params: Sequence[T
         with torch.enable_grad():
             loss = loss_fn(params)
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        if not any(g is not None and g.requires_grad for g in grads):
+            # Gradients that depend on no parameter: the loss is linear and H is exactly zero.
+            return [torch.zeros_like(p) for p in params]
         return hutchinson_from_grads(grads, params, n_probes=n_probes,
                                      distribution=distribution, generator=generator)
 
