@@ -146,12 +146,15 @@ class SophiaBase(Optimizer):
             out.append(p)
         return out
 
-    def _implementation(self, group: dict[str, Any]) -> str:
+    def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
         if group["fused"]:
             return "compiled"
-        if group["foreach"] is False:
-            return "for-loop"
-        return "foreach"
+        if group["foreach"] is None:
+            # The fastest path without a compiler: multi-tensor kernels on CUDA; on CPU the
+            # per-tensor loop (torch's CPU foreach ops are loops that allocate more; measured
+            # 2.4x slower in benchmarks/results/step).
+            return "foreach" if all(p.is_cuda for p in params) else "for-loop"
+        return "foreach" if group["foreach"] else "for-loop"
 
     # -- the update -----------------------------------------------------------------------
     def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -165,7 +168,7 @@ class SophiaBase(Optimizer):
             [s["hessian"] for s in states],
             lr=_as_float("lr", group["lr"]), beta1=beta1, rho=group["rho"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-            implementation=self._implementation(group))
+            implementation=self._implementation(group, params))
 
     # -- the Hessian EMA ------------------------------------------------------------------
     def _all_params(self) -> list[Tensor]:
