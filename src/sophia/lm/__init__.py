@@ -1,0 +1,1 @@
+"""The language-model harness: GPT model, data, presets and the training loop behind ``sophia train``."""

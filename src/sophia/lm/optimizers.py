@@ -1,0 +1,62 @@
+"""The optimizers the harness knows, built the same way for every one.
+
+Lion and AdaHessian come from ``pytorch-optimizer``; their behaviour is checked against
+independent formulas in tests/lm/test_optimizers.py before results rely on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sophia.optim import SophiaG, SophiaH
+
+OPTIMIZERS = ("adamw", "sophiag", "sophiah", "lion", "adahessian", "sgd")
+# Optimizers whose step needs a Hessian-vector product through create_graph backward.
+NEEDS_CREATE_GRAPH = ("sophiah", "adahessian")
+
+
+@dataclass
+class OptimizerSettings:
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    rho: float = 0.05          # Sophia only
+    eps: float | None = None   # None: the optimizer's own default
+    hessian_interval: int = 10  # Sophia-G refresh period k; Sophia-H / AdaHessian update_period
+
+
+def build_optimizer(name: str, param_groups: list[dict], s: OptimizerSettings) -> torch.optim.Optimizer:
+    """``param_groups`` carry their own weight_decay (0 for vectors); other settings from ``s``."""
+    betas = (s.beta1, s.beta2)
+    eps = {} if s.eps is None else {"eps": s.eps}
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=s.lr, betas=betas, weight_decay=s.weight_decay, **eps)
+    if name == "sophiag":
+        return SophiaG(param_groups, lr=s.lr, betas=betas, rho=s.rho, weight_decay=s.weight_decay, **eps)
+    if name == "sophiah":
+        return SophiaH(param_groups, lr=s.lr, betas=betas, rho=s.rho, weight_decay=s.weight_decay,
+                       update_period=s.hessian_interval, **eps)
+    if name == "lion":
+        from pytorch_optimizer import Lion
+
+        return Lion(param_groups, lr=s.lr, betas=betas, weight_decay=s.weight_decay)
+    if name == "adahessian":
+        from pytorch_optimizer import AdaHessian
+
+        return AdaHessian(param_groups, lr=s.lr, betas=betas, weight_decay=s.weight_decay,
+                          update_period=s.hessian_interval, hessian_distribution="rademacher", **eps)
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=s.lr, momentum=s.beta1, weight_decay=s.weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def hessian_step_due(name: str, opt: torch.optim.Optimizer, step: int, interval: int) -> bool:
+    """Whether the training step ``step`` (0-based) needs a create_graph backward."""
+    if name == "sophiah":
+        return opt.hessian_due()
+    if name == "adahessian":  # pytorch-optimizer refreshes when (its step count) % period == 0
+        return step % interval == 0
+    return False

@@ -1,0 +1,64 @@
+"""Training presets: model, data, schedule and per-optimizer hyperparameters.
+
+The GPT-2 presets carry the authors' settings (Liu et al. 2023, their configs; see
+shared SOPHIA_SPEC section 4): OpenWebText with the GPT-2 tokenizer, block 1024, 480
+sequences per step, 100k steps with 2000 warm-up, cosine decay, grad clip 1.0, k = 10.
+The CPU presets are ours and untuned: `sophia bench converge` tunes them.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+# Per-optimizer settings: lr, min_lr, weight_decay, beta1, beta2, rho (Sophia).
+_CPU_OPTIMIZERS = {
+    "adamw": dict(lr=2e-3, min_lr=2e-4, weight_decay=0.1, beta1=0.9, beta2=0.95),
+    "sophiag": dict(lr=2e-3, min_lr=2e-4, weight_decay=0.2, beta1=0.965, beta2=0.99, rho=0.05),
+    "sophiah": dict(lr=2e-3, min_lr=2e-4, weight_decay=0.2, beta1=0.965, beta2=0.99, rho=0.01),
+    "lion": dict(lr=3e-4, min_lr=3e-5, weight_decay=1.0, beta1=0.95, beta2=0.98),
+    "adahessian": dict(lr=0.15, min_lr=0.015, weight_decay=0.0, beta1=0.9, beta2=0.999),
+    "sgd": dict(lr=0.3, min_lr=0.03, weight_decay=0.0, beta1=0.9, beta2=0.0),
+}
+
+
+def _gpt2(n_layer, n_head, n_embd, sophia_lr, rho, sophia_min_lr, adam_lr, adam_min_lr, lion_lr):
+    return dict(
+        corpus="openwebtext", tokenizer="gpt2", block_size=1024, n_layer=n_layer, n_head=n_head,
+        n_embd=n_embd, dropout=0.0, bias=True, batch_size=8, grad_accum=60, max_steps=100_000,
+        warmup_steps=2000, lr_decay_steps=100_000, eval_every=1000, eval_batches=200, grad_clip=1.0,
+        hessian_interval=10, checkpoint_every=1000,
+        optimizers={
+            "adamw": dict(lr=adam_lr, min_lr=adam_min_lr, weight_decay=0.1, beta1=0.9, beta2=0.95),
+            "sophiag": dict(lr=sophia_lr, min_lr=sophia_min_lr, weight_decay=0.2, beta1=0.965, beta2=0.99,
+                            rho=rho),
+            "sophiah": dict(lr=sophia_lr, min_lr=sophia_min_lr, weight_decay=0.2, beta1=0.965, beta2=0.99,
+                            rho=0.01),
+            "lion": dict(lr=lion_lr, min_lr=lion_lr / 10, weight_decay=1.0, beta1=0.95, beta2=0.98),
+            "adahessian": dict(lr=0.15, min_lr=0.015, weight_decay=0.0, beta1=0.9, beta2=0.999),
+            "sgd": dict(lr=0.3, min_lr=0.03, weight_decay=0.0, beta1=0.9, beta2=0.0),
+        },
+    )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # About 0.8M parameters on byte-level Shakespeare: 1000 steps in minutes on 2 CPU cores.
+    "tiny": dict(corpus="shakespeare", tokenizer="byte", block_size=128, n_layer=4, n_head=4, n_embd=128,
+                 dropout=0.0, bias=True, batch_size=32, grad_accum=1, max_steps=1000, warmup_steps=100,
+                 lr_decay_steps=None, eval_every=100, eval_batches=20, grad_clip=1.0, hessian_interval=10,
+                 checkpoint_every=250, optimizers=_CPU_OPTIMIZERS),
+    # A few million parameters on BPE tokens.
+    "small": dict(corpus="shakespeare", tokenizer="bpe:4096", block_size=256, n_layer=6, n_head=6, n_embd=192,
+                  dropout=0.0, bias=True, batch_size=16, grad_accum=2, max_steps=2000, warmup_steps=200,
+                  lr_decay_steps=None, eval_every=200, eval_batches=20, grad_clip=1.0, hessian_interval=10,
+                  checkpoint_every=250, optimizers=_CPU_OPTIMIZERS),
+    "gpt2-small": _gpt2(12, 12, 768, 6e-4, 0.05, 1.5e-5, 6e-4, 3e-5, 1e-4),
+    "gpt2-medium": _gpt2(24, 16, 1024, 7e-4, 0.08, 1e-5, 3e-4, 6e-5, 1e-4),
+    "gpt2-large": _gpt2(36, 20, 1280, 3e-4, 0.05, 1e-5, 2e-4, 1e-5, 8e-5),
+}
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
