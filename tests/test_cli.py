@@ -9,17 +9,26 @@ import pytest
 from sophia.cli import main
 
 
-def test_demo_trains_both_optimizers(capsys):
-    assert main(["demo", "--steps", "40"]) == 0
+def test_demo_trains_both_optimizers_and_plots(tmp_path, capsys):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 400)
+    args = ["demo", "--max-steps", "4", "--out-dir", str(tmp_path / "demo"), "--corpus", str(corpus),
+            "--data-root", str(tmp_path / "data")]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert "adamw" in out and "sophiag" in out and "val loss" in out
+    assert "validation loss" in out and "sophiag" in out and "adamw" in out
+    png = tmp_path / "demo" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = (tmp_path / "demo" / "sophiag" / "checkpoint.pt").read_bytes()
+    assert main(args) == 0  # a second demo reuses the finished runs, overwriting nothing
+    assert (tmp_path / "demo" / "sophiag" / "checkpoint.pt").read_bytes() == before
 
 
 def test_demo_rejects_bad_steps(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["demo", "--steps", "0"])
+        main(["demo", "--max-steps", "0"])
     assert e.value.code == 2
-    assert "--steps" in capsys.readouterr().err
+    assert "--max-steps" in capsys.readouterr().err
 
 
 def test_bench_step_quick_writes_report_and_results(tmp_path, capsys):

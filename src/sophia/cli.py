@@ -1,16 +1,80 @@
-"""Command line: ``sophia demo``, ``sophia bench step`` (more arrive with the harness)."""
+"""Command line: ``sophia train | sample | data prepare | bench step | demo``. Thin: parses and calls."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
+
+from sophia.lm.config import TrainConfig, TrainError
+
+# Settings that have their own, explicit options.
+_EXPLICIT = {"preset", "optimizer", "out_dir"}
+_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from sophia.lm.optimizers import OPTIMIZERS
+    from sophia.lm.presets import PRESETS
+
+    p.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--optimizer", default="sophiag", help=f"one of {', '.join(OPTIMIZERS)} (default sophiag)")
+    p.add_argument("--out-dir", default=None, help="run directory (default runs/PRESET-OPTIMIZER)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out-dir")
+    group = p.add_argument_group("overrides of the preset (default: the preset's value)")
+    for f in fields(TrainConfig):
+        if f.name in _EXPLICIT:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            group.add_argument(flag, dest=f.name, type=_TYPES[f.type], default=None, metavar=f.type.split()[0].upper())
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sophia.lm.config import resolve_config
+    from sophia.lm.train import format_summary, train
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _EXPLICIT}
+    cfg = resolve_config(args.preset, args.optimizer, overrides)
+    if args.out_dir:
+        cfg.out_dir = args.out_dir
+    summary = train(cfg, resume=args.resume)
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(summary))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sophia", description="sophia-lab command line")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a small model with SophiaG and AdamW side by side")
-    demo.add_argument("--steps", type=int, default=600)
+
+    _add_train_options(sub.add_parser("train", help="pre-train a GPT with an optimizer of the registry"))
+
+    sp = sub.add_parser("sample", help="text from a trained model")
+    sp.add_argument("--out-dir", required=True)
+    sp.add_argument("--start", default="\n", help="prompt text")
+    sp.add_argument("--max-new-tokens", type=int, default=300)
+    sp.add_argument("--temperature", type=float, default=0.8)
+    sp.add_argument("--top-k", type=int, default=200)
+    sp.add_argument("--num-samples", type=int, default=1)
+    sp.add_argument("--seed", type=int, default=0)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="download (if needed), tokenize and store a corpus")
+    prep.add_argument("name", help="shakespeare, openwebtext, or a path to a text file or folder")
+    prep.add_argument("--tokenizer", default="byte", help="byte, gpt2 or bpe:N")
+    prep.add_argument("--data-root", default="data")
+
+    demo = sub.add_parser("demo", help="the main job: SophiaG and AdamW on the tiny preset, side by side")
+    demo.add_argument("--max-steps", type=int, default=None)
+    demo.add_argument("--out-dir", default="runs/demo")
+    demo.add_argument("--corpus", default=None, help="default: the preset's (Shakespeare)")
+    demo.add_argument("--data-root", default=None)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     step = bench.add_parser("step", help="the cost of one optimizer step, side by side")
     step.add_argument("--out-dir", required=True, help="where report.md and results.json go")
@@ -19,19 +83,50 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--rounds", type=int, default=15)
     step.add_argument("--quick", action="store_true", help="a tiny parameter set, seconds")
     step.add_argument("--no-compiled", action="store_true", help="skip the compiled (fused) path")
+
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        if args.steps < 1:
-            parser.error("--steps must be >= 1")
-        from sophia.demo import main as demo_main
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "sample":
+            from sophia.lm.sample import sample
 
-        demo_main(steps=args.steps)
-    elif args.command == "bench" and args.bench == "step":
-        if args.rounds < 1:
-            parser.error("--rounds must be >= 1")
-        from sophia.bench.step import main as step_main
+            for text in sample(args.out_dir, start=args.start, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                               num_samples=args.num_samples):
+                print(text)
+                print("-" * 40)
+            return 0
+        if args.command == "data":
+            from pathlib import Path
 
-        step_main(args.out_dir, args.preset, args.dtype, args.rounds, args.quick, not args.no_compiled)
+            from sophia.lm.data import DataError, prepare
+
+            try:
+                print(prepare(args.name, args.tokenizer, Path(args.data_root)))
+            except (DataError, ValueError) as e:
+                raise TrainError(str(e)) from None
+            return 0
+        if args.command == "demo":
+            if args.max_steps is not None and args.max_steps < 1:
+                parser.error("--max-steps must be >= 1")
+            from sophia.demo import main as demo_main
+
+            return demo_main(max_steps=args.max_steps, out_dir=args.out_dir, corpus=args.corpus,
+                             data_root=args.data_root)
+        if args.command == "bench" and args.bench == "step":
+            if args.rounds < 1:
+                parser.error("--rounds must be >= 1")
+            from sophia.bench.step import main as step_main
+
+            step_main(args.out_dir, args.preset, args.dtype, args.rounds, args.quick, not args.no_compiled)
+            return 0
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -42,7 +42,8 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise TrainError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise TrainError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {first}); "
                          "it was left untouched") from None
     missing = {"model", "step", "optimizer", "config", "rng"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
     if missing:

@@ -134,6 +134,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self._check_out_dir()
+        ckpt = load_checkpoint(self.out_dir) if self.resume else None  # fail before any work
         self.data = self._load_data()
         if len(self.data.train) <= cfg.block_size + 1 or len(self.data.val) <= cfg.block_size + 1:
             raise TrainError(f"the dataset is too small for --block-size {cfg.block_size}")
@@ -172,8 +173,8 @@ class Trainer:
         self.amp_dtype = "bfloat16" if use_bf16 else "float32"
         self.counters = {"step": 0, "tokens": 0, "train_passes": 0, "hessian_passes": 0, "elapsed": 0.0}
         self.metrics = MetricsLog(self.out_dir, enabled=self.dist.main)
-        if self.resume:
-            self._restore(load_checkpoint(self.out_dir))
+        if ckpt is not None:
+            self._restore(ckpt)
         elif self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -322,13 +323,14 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         self.setup()
         cfg = self.cfg
-        if self.dist.main and not self.resume:
-            self.log(f"training {cfg.preset} ({self.raw_model.num_parameters() / 1e6:.2f}M parameters) with "
-                     f"{cfg.optimizer} for {cfg.max_steps} steps on {self.device} ({self.amp_dtype}), "
-                     f"{cfg.batch_size * cfg.block_size * cfg.grad_accum * self.dist.world_size} tokens per step")
+        if not self.resume:
+            if self.dist.main:
+                self.log(f"training {cfg.preset} ({self.raw_model.num_parameters() / 1e6:.2f}M parameters) with "
+                         f"{cfg.optimizer} for {cfg.max_steps} steps on {self.device} ({self.amp_dtype}), "
+                         f"{cfg.batch_size * cfg.block_size * cfg.grad_accum * self.dist.world_size} tokens per step")
             self._event(event="start", config=cfg.to_dict(), parameters=self.raw_model.num_parameters(),
                         world_size=self.dist.world_size, device=str(self.device))
-            self._event(event="eval", val_loss=self.evaluate(), lr=lr_at(0, cfg))
+            self._event(event="eval", val_loss=self.evaluate(), lr=lr_at(0, cfg))  # evaluate is a collective
         start_step = self.counters["step"]
         bar = None
         if self.dist.main and cfg.progress and start_step < cfg.max_steps:
@@ -363,11 +365,24 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", val=f"{last_val:.3f}" if last_val else "-",
                                     tok_s=f"{tok_s:,.0f}", refresh=False)
                     bar.update(1)
+            if self.dist.enabled:
+                self._check_ranks_identical()
         finally:
             if bar is not None:
                 bar.close()
             self.dist.close()
         return self.summary()
+
+    def _check_ranks_identical(self) -> None:
+        """Every rank must hold the same weights; a cheap float64 fingerprint, gathered."""
+        with torch.no_grad():
+            fp = torch.stack([p.double().sum() for p in self.raw_model.parameters()]).to(self.device)
+        gathered = [torch.empty_like(fp) for _ in range(self.dist.world_size)]
+        dist.all_gather(gathered, fp)
+        same = all(torch.equal(gathered[0], g) for g in gathered[1:])
+        self._event(event="ranks", ranks_identical=same, world_size=self.dist.world_size)
+        if not same:
+            raise TrainError("the ranks ended with different weights")
 
     def summary(self) -> dict[str, Any]:
         from sophia.lm.checkpoint import read_metrics

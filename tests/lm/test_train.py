@@ -1,0 +1,152 @@
+"""The training loop end to end: metrics, checkpoints, refusal to overwrite, exact resume after
+SIGKILL, DDP over gloo, sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sophia.cli import main
+from sophia.lm.checkpoint import read_metrics
+
+SMALL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+         "--eval-batches", "2", "--warmup-steps", "3", "--log-every", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    words = ["the", "king", "queen", "sword", "crown", "night", "day", "love", "death", "and", "of"]
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(3000))
+    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
+    path.write_text(text)
+    return path
+
+
+def _args(corpus: Path, tmp: Path, out: str, optimizer: str, steps: int, *extra: str) -> list[str]:
+    return ["train", "--optimizer", optimizer, "--max-steps", str(steps), "--out-dir", str(tmp / out),
+            "--corpus", str(corpus), "--data-root", str(tmp / "data"), *SMALL, *extra]
+
+
+@pytest.mark.parametrize("optimizer", ["sophiag", "sophiah", "adamw", "lion", "adahessian", "sgd"])
+def test_train_writes_metrics_and_checkpoint(corpus, tmp_path, optimizer, capsys):
+    assert main(_args(corpus, tmp_path, "run", optimizer, 12, "--eval-every", "6", "--hessian-interval", "4")) == 0
+    events = read_metrics(tmp_path / "run")
+    train = [e for e in events if e["event"] == "train"]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in train] == list(range(1, 13))
+    assert [e["step"] for e in evals] == [0, 6, 12]
+    for e in train:
+        assert {"train_loss", "lr", "tokens", "elapsed"} <= set(e)
+    assert train[-1]["tokens"] == 12 * 4 * 16
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 12 and "model" in ckpt and "optimizer" in ckpt
+    if optimizer == "sophiag":  # refreshes after steps 4, 8, 12: one extra pass each
+        assert train[-1]["hessian_passes"] == 3 and train[-1]["hessian_updates"] == 3
+        assert 0.0 <= train[-1]["win_rate"] <= 1.0
+    if optimizer == "sophiah":  # refreshes before steps 5 and 9
+        assert train[-1]["hessian_updates"] == 2
+    assert "val loss" in capsys.readouterr().out
+
+
+def test_existing_checkpoint_is_refused_and_left_untouched(corpus, tmp_path, capsys):
+    assert main(_args(corpus, tmp_path, "run", "adamw", 3)) == 0
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert main(_args(corpus, tmp_path, "run", "adamw", 3)) == 1
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+
+def test_corrupt_checkpoint_and_bad_input_are_one_clear_error(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert main(_args(corpus, tmp_path, "run", "adamw", 3, "--resume")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "corrupt" in err and err.count("\n") == 1, err
+    assert (run / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+    assert main(_args(corpus, tmp_path, "other", "adamw", 3, "--lr", "-1")) == 1
+    assert "--lr" in capsys.readouterr().err
+    assert main(["train", "--preset", "nope"]) == 1
+    assert "unknown preset" in capsys.readouterr().err
+    assert main(_args(tmp_path / "missing.txt", tmp_path, "x", "adamw", 3)) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def test_preset_too_big_for_the_device_is_refused(corpus, tmp_path, capsys):
+    args = _args(corpus, tmp_path, "big", "adamw", 1)
+    args[args.index("--n-embd") + 1] = "16384"
+    args[args.index("--n-layer") + 1] = "48"
+    args[args.index("--n-head") + 1] = "16"
+    assert main(args) == 1
+    assert "GiB" in capsys.readouterr().err
+    assert not (tmp_path / "big").exists()
+
+
+def _run_cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "sophia", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kw)
+
+
+@pytest.mark.parametrize("optimizer", ["sophiag", "sophiah"])
+def test_sigkill_then_resume_ends_bitwise_equal(corpus, tmp_path, optimizer):
+    steps = 40
+    common = ("--checkpoint-every", "3", "--eval-every", "10", "--hessian-interval", "4", "--dropout", "0.1")
+    ref = _run_cli(_args(corpus, tmp_path, "ref", optimizer, steps, *common))
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()
+    killed = _run_cli(_args(corpus, tmp_path, "killed", optimizer, steps, *common))
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 200
+    while time.time() < deadline:  # kill it somewhere past a few checkpoints, mid-run
+        if metrics.exists() and sum(1 for line in metrics.read_text().splitlines() if '"train"' in line) >= 17:
+            break
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _run_cli(_args(corpus, tmp_path, "killed", optimizer, steps, *common, "--resume"))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
+    a = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == steps
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ev_a = [(e["event"], e["step"], e.get("train_loss"), e.get("val_loss")) for e in read_metrics(tmp_path / "ref")]
+    ev_b = [(e["event"], e["step"], e.get("train_loss"), e.get("val_loss")) for e in read_metrics(tmp_path / "killed")]
+    assert ev_a == ev_b
+
+
+def test_ddp_two_ranks_over_gloo(corpus, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = _args(corpus, tmp_path, "ddp", "sophiag", 8, "--eval-every", "4", "--hessian-interval", "4")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "sophia", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = read_metrics(tmp_path / "ddp")
+    ranks = [e for e in events if e["event"] == "ranks"]
+    assert ranks and ranks[0]["ranks_identical"] is True and ranks[0]["world_size"] == 2
+    train = [e for e in events if e["event"] == "train"]
+    assert train[-1]["tokens"] == 8 * 2 * 4 * 16  # the global batch counts both ranks
+    assert train[-1]["hessian_updates"] == 2
+    assert proc.stdout.count("run ") == 1  # one summary, from rank 0
+
+
+def test_sample_prints_text(corpus, tmp_path, capsys):
+    assert main(_args(corpus, tmp_path, "run", "adamw", 5)) == 0
+    capsys.readouterr()
+    assert main(["sample", "--out-dir", str(tmp_path / "run"), "--max-new-tokens", "20", "--start", "the"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("the") and len(out) > 20
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["event"] == "start"
