@@ -17,10 +17,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     from sophia.lm.optimizers import OPTIMIZERS
     from sophia.lm.presets import PRESETS
 
-    p.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)} (default tiny)")
-    p.add_argument("--optimizer", default="sophiag", help=f"one of {', '.join(OPTIMIZERS)} (default sophiag)")
+    p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--optimizer", default=None, help=f"one of {', '.join(OPTIMIZERS)} (default sophiag)")
     p.add_argument("--out-dir", default=None, help="run directory (default runs/PRESET-OPTIMIZER)")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the checkpoint in --out-dir with its saved settings (only --max-steps, "
+                        "--eval-every, --checkpoint-every, --log-every, --progress, --device, --data-root may change)")
     group = p.add_argument_group("overrides of the preset (default: the preset's value)")
     for f in fields(TrainConfig):
         if f.name in _EXPLICIT:
@@ -33,13 +35,19 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sophia.lm.config import resolve_config
+    from sophia.lm.checkpoint import load_checkpoint
+    from sophia.lm.config import resolve_config, resume_config
     from sophia.lm.train import format_summary, train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _EXPLICIT}
-    cfg = resolve_config(args.preset, args.optimizer, overrides)
-    if args.out_dir:
-        cfg.out_dir = args.out_dir
+    preset, optimizer = args.preset or "tiny", args.optimizer or "sophiag"
+    out_dir = args.out_dir or f"runs/{preset}-{optimizer}"
+    if args.resume:
+        saved = load_checkpoint(out_dir)["config"]
+        cfg = resume_config(saved, {**overrides, "preset": args.preset, "optimizer": args.optimizer})
+    else:
+        cfg = resolve_config(preset, optimizer, overrides)
+    cfg.out_dir = out_dir
     summary = train(cfg, resume=args.resume)
     import os
 
@@ -59,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--start", default="\n", help="prompt text")
     sp.add_argument("--max-new-tokens", type=int, default=300)
     sp.add_argument("--temperature", type=float, default=0.8)
-    sp.add_argument("--top-k", type=int, default=200)
+    sp.add_argument("--top-k", type=int, default=200, help="0: no top-k filtering")
     sp.add_argument("--num-samples", type=int, default=1)
     sp.add_argument("--seed", type=int, default=0)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sophia.lm.checkpoint import CHECKPOINT, read_metrics
-from sophia.lm.config import resolve_config
+from sophia.lm.checkpoint import CHECKPOINT, load_checkpoint, read_metrics
+from sophia.lm.config import RESUME_CHANGEABLE, resolve_config, resume_config
 from sophia.lm.train import format_summary, train
 
 OPTIMIZERS = ("sophiag", "adamw")
@@ -48,9 +48,14 @@ def main(max_steps: int | None = None, out_dir: str = "runs/demo", corpus: str |
     for name in OPTIMIZERS:
         overrides = {"max_steps": steps, "eval_every": steps // 8 if steps >= 16 else steps,
                      "checkpoint_every": max(1, steps // 4), "corpus": corpus, "data_root": data_root}
-        cfg = resolve_config("tiny", name, overrides)
-        cfg.out_dir = str(root / name)
-        resume = (Path(cfg.out_dir) / CHECKPOINT).exists()
+        out = root / name
+        resume = (out / CHECKPOINT).exists()
+        if resume:  # continue (or just report) the earlier demo run, with its own settings
+            saved = load_checkpoint(out)["config"]
+            cfg = resume_config(saved, {k: v for k, v in overrides.items() if k in RESUME_CHANGEABLE})
+        else:
+            cfg = resolve_config("tiny", name, overrides)
+        cfg.out_dir = str(out)
         print(f"== {name}: {cfg.max_steps} steps, lr {cfg.lr:g}" + (" (resuming)" if resume else ""), flush=True)
         summaries[name] = train(cfg, resume=resume)
         print(format_summary(summaries[name]), flush=True)

@@ -150,3 +150,22 @@ def test_sample_prints_text(corpus, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("the") and len(out) > 20
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["event"] == "start"
+
+
+def test_resume_keeps_the_saved_settings_and_refuses_changes(corpus, tmp_path, capsys):
+    assert main(_args(corpus, tmp_path, "run", "adamw", 4, "--lr", "3e-3", "--min-lr", "3e-4")) == 0
+    assert main(["train", "--out-dir", str(tmp_path / "run"), "--resume", "--max-steps", "6", "--no-progress"]) == 0
+    events = read_metrics(tmp_path / "run")
+    assert max(e["step"] for e in events) == 6
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["lr"] == 3e-3 and ckpt["config"]["optimizer"] == "adamw"
+    capsys.readouterr()
+    assert main(["train", "--out-dir", str(tmp_path / "run"), "--resume", "--lr", "1e-3"]) == 1
+    assert "--lr was 0.003" in capsys.readouterr().err
+
+
+def test_a_run_killed_before_its_first_periodic_checkpoint_can_resume(corpus, tmp_path):
+    assert main(_args(corpus, tmp_path, "run", "adamw", 1, "--checkpoint-every", "100")) == 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 1  # the step-0 checkpoint was replaced by the final one
+    assert main(["train", "--out-dir", str(tmp_path / "run"), "--resume", "--max-steps", "2", "--no-progress"]) == 0

@@ -35,12 +35,12 @@ def save_checkpoint(out_dir: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(out_dir / CHECKPOINT, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(out_dir: Path) -> dict[str, Any]:
-    path = out_dir / CHECKPOINT
+def load_checkpoint(out_dir: Path, purpose: str = "--resume") -> dict[str, Any]:
+    path = Path(out_dir) / CHECKPOINT
     if not path.exists():
-        raise TrainError(f"--resume: no checkpoint at {path}")
+        raise TrainError(f"{purpose}: no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise TrainError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {first}); "

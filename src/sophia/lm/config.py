@@ -96,6 +96,8 @@ class TrainConfig:
             raise TrainError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.optimizer not in OPTIMIZERS:
             raise TrainError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
+            raise TrainError(f"--eps must be a finite number > 0, got {self.eps!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise TrainError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
@@ -119,6 +121,29 @@ def resolve_config(preset: str, optimizer: str, overrides: dict[str, Any] | None
             raise TrainError(f"unknown setting {key!r}")
         if value is not None:
             values[key] = value
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+# Settings a resumed run may change without breaking its exactness (or, for max_steps, knowingly:
+# with lr_decay_steps unset the cosine schedule follows the new length).
+RESUME_CHANGEABLE = {"max_steps", "eval_every", "checkpoint_every", "log_every", "progress", "device", "data_root"}
+
+
+def resume_config(saved: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The saved run's settings, with the explicitly given ones that a resume may change."""
+    values = {k: v for k, v in saved.items() if k in FIELD_NAMES}
+    for key, value in (overrides or {}).items():
+        if key not in FIELD_NAMES:
+            raise TrainError(f"unknown setting {key!r}")
+        if value is None or value == values.get(key):
+            continue
+        if key not in RESUME_CHANGEABLE:
+            flag = "--" + key.replace("_", "-")
+            raise TrainError(f"--resume continues the saved settings: {flag} was {values.get(key)!r}, not "
+                             f"{value!r}; start a new run (another --out-dir) to change it")
+        values[key] = value
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg

@@ -2,7 +2,8 @@
 
 The GPT-2 presets carry the authors' settings (Liu et al. 2023, their configs; see
 shared SOPHIA_SPEC section 4): OpenWebText with the GPT-2 tokenizer, block 1024, 480
-sequences per step, 100k steps with 2000 warm-up, cosine decay, grad clip 1.0, k = 10.
+sequences per step (12 x 40 micro-batches, divisible over 1, 2, 4 or 8 GPUs), 100k steps with 2000
+warm-up, cosine decay, grad clip 1.0, k = 10, no biases.
 The CPU presets are ours and untuned: `sophia bench converge` tunes them.
 """
 
@@ -25,7 +26,7 @@ _CPU_OPTIMIZERS = {
 def _gpt2(n_layer, n_head, n_embd, sophia_lr, rho, sophia_min_lr, adam_lr, adam_min_lr, lion_lr):
     return dict(
         corpus="openwebtext", tokenizer="gpt2", block_size=1024, n_layer=n_layer, n_head=n_head,
-        n_embd=n_embd, dropout=0.0, bias=True, batch_size=8, grad_accum=60, max_steps=100_000,
+        n_embd=n_embd, dropout=0.0, bias=False, batch_size=12, grad_accum=40, max_steps=100_000,
         warmup_steps=2000, lr_decay_steps=100_000, eval_every=1000, eval_batches=200, grad_clip=1.0,
         hessian_interval=10, checkpoint_every=1000,
         optimizers={

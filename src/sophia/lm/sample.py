@@ -18,7 +18,10 @@ def sample(out_dir: str, *, start: str = "\n", max_new_tokens: int = 300, temper
 
     if max_new_tokens < 1 or num_samples < 1 or temperature <= 0:
         raise TrainError("--max-new-tokens and --num-samples must be >= 1 and --temperature > 0")
-    ckpt = load_checkpoint(Path(out_dir))
+    if top_k is not None and top_k < 0:
+        raise TrainError(f"--top-k must be >= 0 (0: no top-k filtering), got {top_k}")
+    top_k = top_k or None
+    ckpt = load_checkpoint(Path(out_dir), purpose="sample")
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     model.eval()

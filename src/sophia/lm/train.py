@@ -1,6 +1,8 @@
 """``sophia train``: one training loop for every optimizer.
 
-Step ``i`` (0-based) draws ``grad_accum`` micro-batches, backpropagates their mean loss, clips
+Step ``i`` (0-based) draws ``grad_accum`` micro-batches (over all ranks: under DDP each rank runs
+``grad_accum / world_size`` of them, as the GPT-2 presets' 480 sequences per step assume),
+backpropagates their mean loss, clips
 the gradient norm, sets the scheduled lr and steps the optimizer. Sophia-G then refreshes its
 Gauss-Newton-Bartlett estimate after steps k-1, 2k-1, ... (the authors' schedule) on a fresh
 batch; Sophia-H hands a Hutchinson estimate over before its refresh steps. Every extra
@@ -27,6 +29,7 @@ from sophia.lm.checkpoint import CHECKPOINT, MetricsLog, load_checkpoint, save_c
 from sophia.lm.config import TrainConfig, TrainError
 from sophia.lm.model import GPT, GPTConfig
 from sophia.lm.optimizers import NEEDS_CREATE_GRAPH, OptimizerSettings, build_optimizer, hessian_step_due
+from sophia.lm.tokenizers import parse_spec
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -50,7 +53,10 @@ class Distributed:
         if device_pref == "auto":
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         elif device_pref == "cpu" or device_pref.startswith("cuda"):
-            device = torch.device(device_pref)
+            try:
+                device = torch.device(device_pref)
+            except RuntimeError:
+                raise TrainError(f"--device must be auto, cpu or cuda[:N], got {device_pref!r}") from None
         else:
             raise TrainError(f"--device must be auto, cpu or cuda[:N], got {device_pref!r}")
         if device.type == "cuda":
@@ -58,6 +64,8 @@ class Distributed:
                 raise TrainError(f"--device {device_pref}: CUDA is not available on this machine")
             if self.world_size > 1:
                 device = torch.device("cuda", self.local_rank)
+            elif device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(device)
         self.device = device
         self.enabled = self.world_size > 1
@@ -89,6 +97,15 @@ def _estimate_memory_bytes(cfg: TrainConfig, n_params: int, vocab: int) -> int:
     per_layer = tokens * cfg.n_embd * 34 * 2 + 5 * cfg.n_head * tokens * cfg.block_size * 2
     logits = tokens * vocab * 4 * 3
     return weights_grads_state + cfg.n_layer * per_layer + logits
+
+
+def _vocab_guess(tokenizer: str) -> int:
+    """The vocabulary a tokenizer spec gives, known before any data is read (GPT-2's if unsure)."""
+    try:
+        kind, n = parse_spec(tokenizer)
+    except ValueError:
+        return 50257
+    return {"byte": 256}.get(kind, n or 50257)
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -133,24 +150,31 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
+        world = self.dist.world_size
+        if cfg.grad_accum >= world and cfg.grad_accum % world:
+            raise TrainError(f"--grad-accum ({cfg.grad_accum}) counts micro-batches over all ranks and must be "
+                             f"divisible by the number of ranks ({world})")
+        # Fewer micro-batches than ranks: each rank runs one, and the global batch grows (said at start).
+        self.accum = max(1, cfg.grad_accum // world)
         self._check_out_dir()
         ckpt = load_checkpoint(self.out_dir) if self.resume else None  # fail before any work
+        if ckpt is not None and ckpt.get("world_size", 1) != world:
+            raise TrainError(f"--resume: the checkpoint was written by {ckpt.get('world_size', 1)} rank(s), not "
+                             f"{world}; the data stream would differ")
+        if cfg.compile and cfg.optimizer in NEEDS_CREATE_GRAPH:
+            raise TrainError(f"--compile does not support the double backward that {cfg.optimizer} needs")
+        self._check_memory(_vocab_guess(cfg.tokenizer))  # before preparing data, which can take long
         self.data = self._load_data()
         if len(self.data.train) <= cfg.block_size + 1 or len(self.data.val) <= cfg.block_size + 1:
             raise TrainError(f"the dataset is too small for --block-size {cfg.block_size}")
-        torch.manual_seed(cfg.seed)
         self.model_config = GPTConfig(block_size=cfg.block_size, vocab_size=self.data.vocab_size,
                                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                       dropout=cfg.dropout, bias=cfg.bias)
-        with torch.device("meta"):
-            n_params = GPT(self.model_config).num_parameters(non_embedding=False)
-        need, have = _estimate_memory_bytes(cfg, n_params, self.data.vocab_size), _available_bytes(self.device)
-        if need > 0.9 * have:
-            raise TrainError(f"preset {cfg.preset} needs about {need / 2**30:.1f} GiB on {self.device} "
-                             f"({n_params / 1e6:.0f}M parameters, batch {cfg.batch_size}x{cfg.block_size}) but "
-                             f"the device has {have / 2**30:.1f} GiB; lower --batch-size or --block-size, or use a "
-                             "smaller preset")
+        self._check_memory(self.data.vocab_size)
+        torch.manual_seed(cfg.seed)
         self.model = GPT(self.model_config).to(self.device)
+        # Dropout differs per rank (identical streams would correlate the ranks' noise).
+        torch.manual_seed(cfg.seed + 7919 * self.dist.rank)
         self.raw_model = self.model
         if self.dist.enabled:
             if cfg.optimizer == "adahessian":
@@ -178,36 +202,64 @@ class Trainer:
         elif self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if self.dist.main:
+            for stale in self.out_dir.glob(f".{CHECKPOINT}.*.tmp"):  # left by a kill during a save
+                stale.unlink(missing_ok=True)
+
+    def _check_memory(self, vocab: int) -> None:
+        cfg = self.cfg
+        mc = GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                       n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+        with torch.device("meta"):
+            n_params = GPT(mc).num_parameters(non_embedding=False)
+        need, have = _estimate_memory_bytes(cfg, n_params, vocab), _available_bytes(self.device)
+        if need > 0.9 * have:
+            raise TrainError(f"preset {cfg.preset} needs about {need / 2**30:.1f} GiB on {self.device} "
+                             f"({n_params / 1e6:.0f}M parameters, batch {cfg.batch_size}x{cfg.block_size}) but "
+                             f"the device has {have / 2**30:.1f} GiB; lower --batch-size or --block-size, or use a "
+                             "smaller preset")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         saved = ckpt["config"]
-        for key in ("optimizer", "n_layer", "n_head", "n_embd", "block_size", "corpus", "tokenizer"):
+        for key in ("optimizer", "n_layer", "n_head", "n_embd", "block_size", "bias", "corpus", "tokenizer"):
             if saved.get(key) != getattr(self.cfg, key):
                 raise TrainError(f"--resume: the checkpoint was trained with {key}={saved.get(key)!r}, "
                                  f"not {getattr(self.cfg, key)!r}")
-        self.raw_model.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.counters = dict(ckpt["counters"])
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        self.data_gen.set_state(rng["data"])
-        if self.device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        try:
+            self.raw_model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.counters = dict(ckpt["counters"])
+            rng = ckpt["rng"]
+            torch.set_rng_state(rng["torch_per_rank"][self.dist.rank])
+            self.data_gen.set_state(rng["data"])
+            if self.device.type == "cuda" and "cuda_per_rank" in rng:
+                torch.cuda.set_rng_state(rng["cuda_per_rank"][self.dist.rank], self.device)
+        except (KeyError, IndexError, RuntimeError, ValueError) as e:
+            raise TrainError(f"--resume: the checkpoint in {self.out_dir} does not fit this run "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         self.metrics.truncate_after(self.counters["step"])
         self.log(f"resumed {self.out_dir} at step {self.counters['step']}")
 
+    def _gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        if not self.dist.enabled:
+            return [t]
+        out: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(out, t)
+        return out
+
     def _checkpoint(self) -> None:
+        """Written by rank 0, with every rank's RNG state (a collective: all ranks call it)."""
+        rng = {"torch_per_rank": self._gather(torch.get_rng_state()), "data": self.data_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda_per_rank"] = self._gather(torch.cuda.get_rng_state(self.device))
         if not self.dist.main:
             return
-        rng = {"torch": torch.get_rng_state(), "data": self.data_gen.get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         save_checkpoint(self.out_dir, {
             "model": self.raw_model.state_dict(), "optimizer": self.opt.state_dict(),
             "step": self.counters["step"], "counters": dict(self.counters), "config": self.cfg.to_dict(),
             "model_config": self.model_config.to_dict(), "rng": rng,
             "schedule": {"lr": lr_at(self.counters["step"], self.cfg)}, "data_position": rng["data"],
-            "dataset_dir": str(self.data.dir),
+            "dataset_dir": str(Path(self.data.dir).resolve()), "world_size": self.dist.world_size,
         })
 
     # -- pieces of a step -----------------------------------------------------------------
@@ -234,25 +286,31 @@ class Trainer:
         self.dist.all_reduce_mean_([loss])
         return loss.item()
 
+    def _label_generator(self, micro: int) -> torch.Generator:
+        """Labels sampled independently per rank (shared draws would bias N*g**2 under DDP), and
+        reproducibly per (seed, step, rank, micro-batch), so resuming needs no extra state."""
+        key = ((self.cfg.seed * 1_000_003 + self.counters["step"]) * 1009 + self.dist.rank) * 101 + micro
+        return torch.Generator(device=self.device).manual_seed(key % (2**63 - 1))
+
     def _gnb_refresh(self) -> None:
         """Sampled-label backward over the whole (or a fraction of the) global batch, then N*g**2."""
         cfg = self.cfg
         self.opt.zero_grad(set_to_none=True)
         n_local = 0
         bs = self._hessian_batch_size()
-        for micro in range(cfg.grad_accum):
+        for micro in range(self.accum):
             x, _ = self._batch(bs)
-            sync = self.model.no_sync() if self.dist.enabled and micro < cfg.grad_accum - 1 else nullcontext()
+            sync = self.model.no_sync() if self.dist.enabled and micro < self.accum - 1 else nullcontext()
             with sync, self.autocast:
                 logits, _ = self.model(x)
-                sampled = categorical_sampled_loss(logits)
-            (sampled.loss / cfg.grad_accum).backward()
+                sampled = categorical_sampled_loss(logits, generator=self._label_generator(micro))
+            (sampled.loss / self.accum).backward()
             n_local += sampled.n
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
         self.opt.update_hessian(bs=n_local * self.dist.world_size)
         self.opt.zero_grad(set_to_none=True)
-        self.counters["hessian_passes"] += cfg.grad_accum * bs / cfg.batch_size
+        self.counters["hessian_passes"] += self.accum * self.dist.world_size * bs / cfg.batch_size
 
     def _hutchinson_refresh(self) -> None:
         """Sophia-H: a Hutchinson estimate on a fresh batch, averaged over ranks, handed to the optimizer."""
@@ -269,7 +327,7 @@ class Trainer:
         self.dist.all_reduce_mean_(est)
         self.opt.update_hessian(estimates=est)
         # a forward and backward with graph, then the Hessian-vector product (about one more backward)
-        self.counters["hessian_passes"] += 2 * self._hessian_batch_size() / cfg.batch_size
+        self.counters["hessian_passes"] += 2 * self.dist.world_size * self._hessian_batch_size() / cfg.batch_size
 
     def train_step(self, i: int) -> tuple[float, float]:
         cfg = self.cfg
@@ -283,34 +341,37 @@ class Trainer:
         attention = self.raw_model.use_attention("math") if create_graph else nullcontext()
         total = 0.0
         with attention:
-            for micro in range(cfg.grad_accum):
+            for micro in range(self.accum):
                 x, y = self._batch(cfg.batch_size)
-                sync = self.model.no_sync() if self.dist.enabled and micro < cfg.grad_accum - 1 else nullcontext()
+                sync = self.model.no_sync() if self.dist.enabled and micro < self.accum - 1 else nullcontext()
                 with sync, self.autocast:
                     _, loss = self.model(x, y)
-                (loss / cfg.grad_accum).backward(create_graph=create_graph)
+                (loss / self.accum).backward(create_graph=create_graph)
                 total += loss.item()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.counters["train_passes"] += cfg.grad_accum
+        self.counters["train_passes"] += self.accum * self.dist.world_size
         if create_graph:
-            self.counters["hessian_passes"] += cfg.grad_accum  # the Hessian-vector product's backward
+            # the Hessian-vector product's backward
+            self.counters["hessian_passes"] += self.accum * self.dist.world_size
         if cfg.optimizer == "sophiag" and i % cfg.hessian_interval == cfg.hessian_interval - 1:
             self._gnb_refresh()
         self.counters["step"] = i + 1
-        self.counters["tokens"] += cfg.batch_size * cfg.block_size * cfg.grad_accum * self.dist.world_size
-        loss = torch.tensor(total / cfg.grad_accum, device=self.device)
+        self.counters["tokens"] += cfg.batch_size * cfg.block_size * self.accum * self.dist.world_size
+        loss = torch.tensor(total / self.accum, device=self.device)
         self.dist.all_reduce_mean_([loss])
         return loss.item(), lr
 
-    def _diagnostics(self) -> dict[str, Any]:
-        if hasattr(self.opt, "diagnostics"):
-            d = self.opt.diagnostics()
-            return {"win_rate": d["win_rate"], "hessian_norm": d["hessian_norm"],
-                    "hessian_updates": d["hessian_updates"], "hessian_skipped": d["hessian_skipped"]}
-        return {}
+    def _diagnostics(self, full: bool = True) -> dict[str, Any]:
+        """Sophia's refresh counters always; the win rate and Hessian norm (a pass over the state) if full."""
+        if not hasattr(self.opt, "diagnostics"):
+            return {}
+        if not full:
+            return {"hessian_updates": self.opt.hessian_updates, "hessian_skipped": self.opt.hessian_skipped}
+        d = self.opt.diagnostics()
+        return {k: d[k] for k in ("win_rate", "hessian_norm", "hessian_updates", "hessian_skipped")}
 
     def _event(self, **fields) -> dict[str, Any]:
         c = self.counters
@@ -321,16 +382,25 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        self.setup()
+        try:
+            self.setup()
+            return self._loop()
+        finally:
+            self.dist.close()
+
+    def _loop(self) -> dict[str, Any]:
         cfg = self.cfg
         if not self.resume:
             if self.dist.main:
                 self.log(f"training {cfg.preset} ({self.raw_model.num_parameters() / 1e6:.2f}M parameters) with "
                          f"{cfg.optimizer} for {cfg.max_steps} steps on {self.device} ({self.amp_dtype}), "
-                         f"{cfg.batch_size * cfg.block_size * cfg.grad_accum * self.dist.world_size} tokens per step")
+                         f"{cfg.batch_size * cfg.block_size * self.accum * self.dist.world_size} tokens per step")
             self._event(event="start", config=cfg.to_dict(), parameters=self.raw_model.num_parameters(),
                         world_size=self.dist.world_size, device=str(self.device))
             self._event(event="eval", val_loss=self.evaluate(), lr=lr_at(0, cfg))  # evaluate is a collective
+            if cfg.grad_accum < self.dist.world_size and self.dist.main:
+                self.log(f"--grad-accum {cfg.grad_accum} < {self.dist.world_size} ranks: one micro-batch per rank")
+            self._checkpoint()  # step 0: a run killed before its first periodic checkpoint can resume
         start_step = self.counters["step"]
         bar = None
         if self.dist.main and cfg.progress and start_step < cfg.max_steps:
@@ -352,7 +422,7 @@ class Trainer:
                     raise TrainError(f"training diverged at step {step} (loss {loss}); try a lower --lr"
                                      + (" or a larger --rho" if cfg.optimizer.startswith("sophia") else ""))
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    extra = self._diagnostics() if step % cfg.eval_every == 0 or step == cfg.max_steps else {}
+                    extra = self._diagnostics(full=step % cfg.eval_every == 0 or step == cfg.max_steps)
                     self._event(event="train", train_loss=loss, lr=lr, **extra)
                 if step % cfg.eval_every == 0 or step == cfg.max_steps:
                     last_val = self.evaluate()
@@ -365,12 +435,11 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", val=f"{last_val:.3f}" if last_val else "-",
                                     tok_s=f"{tok_s:,.0f}", refresh=False)
                     bar.update(1)
-            if self.dist.enabled:
+            if self.dist.enabled and start_step < cfg.max_steps:
                 self._check_ranks_identical()
         finally:
             if bar is not None:
                 bar.close()
-            self.dist.close()
         return self.summary()
 
     def _check_ranks_identical(self) -> None:

@@ -315,6 +315,16 @@ class SophiaBase(Optimizer):
         return float(torch.linalg.vector_norm(
             torch.stack([_global_scalar(torch.linalg.vector_norm(h.double())).cpu() for h in hs])))
 
+    @property
+    def hessian_updates(self) -> int:
+        """Hessian refreshes folded in so far (saved in the state_dict)."""
+        return self._hessian_updates
+
+    @property
+    def hessian_skipped(self) -> int:
+        """Parameter tensors whose non-finite estimate was skipped so far."""
+        return self._hessian_skipped
+
     def diagnostics(self) -> dict[str, float | int]:
         """Win rate, Hessian norm, and how many Hessian refreshes were folded in or skipped."""
         return {"win_rate": self.win_rate(), "hessian_norm": self.hessian_norm(),
