@@ -13,7 +13,7 @@ def test_demo_trains_both_optimizers_and_plots(tmp_path, capsys):
     corpus = tmp_path / "text.txt"
     corpus.write_text("to be or not to be, that is the question\n" * 400)
     args = ["demo", "--max-steps", "4", "--out-dir", str(tmp_path / "demo"), "--corpus", str(corpus),
-            "--data-root", str(tmp_path / "data")]
+            "--data-root", str(tmp_path / "data"), "--eval-batches", "2"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "validation loss" in out and "sophiag" in out and "adamw" in out

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out-dir", default="runs/demo")
     demo.add_argument("--corpus", default=None, help="default: the preset's (Shakespeare)")
     demo.add_argument("--data-root", default=None)
+    demo.add_argument("--eval-batches", type=int, default=None, help="default: the preset's (20)")
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     step = bench.add_parser("step", help="the cost of one optimizer step, side by side")
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             from sophia.demo import main as demo_main
 
             return demo_main(max_steps=args.max_steps, out_dir=args.out_dir, corpus=args.corpus,
-                             data_root=args.data_root)
+                             data_root=args.data_root, eval_batches=args.eval_batches)
         if args.command == "bench" and args.bench == "step":
             if args.rounds < 1:
                 parser.error("--rounds must be >= 1")

@@ -41,13 +41,14 @@ DEMO_STEPS = 400
 
 
 def main(max_steps: int | None = None, out_dir: str = "runs/demo", corpus: str | None = None,
-         data_root: str | None = None) -> int:
+         data_root: str | None = None, eval_batches: int | None = None) -> int:
     root = Path(out_dir)
     summaries, events = {}, {}
     steps = max_steps or DEMO_STEPS
     for name in OPTIMIZERS:
         overrides = {"max_steps": steps, "eval_every": steps // 8 if steps >= 16 else steps,
-                     "checkpoint_every": max(1, steps // 4), "corpus": corpus, "data_root": data_root}
+                     "checkpoint_every": max(1, steps // 4), "corpus": corpus, "data_root": data_root,
+                     "eval_batches": eval_batches}
         out = root / name
         resume = (out / CHECKPOINT).exists()
         if resume:  # continue (or just report) the earlier demo run, with its own settings

@@ -42,12 +42,18 @@ def _gpt2(n_layer, n_head, n_embd, sophia_lr, rho, sophia_min_lr, adam_lr, adam_
     )
 
 
+# tiny: AdamW and SophiaG lrs from a small single-seed grid at 400 steps
+# (benchmarks/results/tiny-lr-grid/README.md); the others are untuned starting points.
+_TINY_OPTIMIZERS = {**_CPU_OPTIMIZERS,
+                    "adamw": dict(_CPU_OPTIMIZERS["adamw"], lr=8e-3, min_lr=8e-4),
+                    "sophiag": dict(_CPU_OPTIMIZERS["sophiag"], lr=1e-3, min_lr=1e-4)}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # About 0.8M parameters on byte-level Shakespeare: 1000 steps in minutes on 2 CPU cores.
     "tiny": dict(corpus="shakespeare", tokenizer="byte", block_size=128, n_layer=4, n_head=4, n_embd=128,
                  dropout=0.0, bias=True, batch_size=32, grad_accum=1, max_steps=1000, warmup_steps=100,
                  lr_decay_steps=None, eval_every=100, eval_batches=20, grad_clip=1.0, hessian_interval=10,
-                 checkpoint_every=250, optimizers=_CPU_OPTIMIZERS),
+                 checkpoint_every=250, optimizers=_TINY_OPTIMIZERS),
     # A few million parameters on BPE tokens.
     "small": dict(corpus="shakespeare", tokenizer="bpe:4096", block_size=256, n_layer=6, n_head=6, n_embd=192,
                   dropout=0.0, bias=True, batch_size=16, grad_accum=2, max_steps=2000, warmup_steps=200,
