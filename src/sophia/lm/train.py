@@ -28,7 +28,7 @@ from sophia.hessian import categorical_sampled_loss, hutchinson
 from sophia.lm.checkpoint import CHECKPOINT, MetricsLog, load_checkpoint, save_checkpoint
 from sophia.lm.config import TrainConfig, TrainError
 from sophia.lm.model import GPT, GPTConfig
-from sophia.lm.optimizers import NEEDS_CREATE_GRAPH, OptimizerSettings, build_optimizer, hessian_step_due
+from sophia.lm.optimizers import NEEDS_CREATE_GRAPH, OptimizerSettings, build_optimizer, needs_create_graph
 from sophia.lm.tokenizers import parse_spec
 
 
@@ -336,8 +336,7 @@ class Trainer:
             group["lr"] = lr
         if cfg.optimizer == "sophiah" and self.opt.hessian_due():
             self._hutchinson_refresh()
-        create_graph = cfg.optimizer in NEEDS_CREATE_GRAPH and cfg.optimizer != "sophiah" and \
-            hessian_step_due(cfg.optimizer, self.opt, i, cfg.hessian_interval)
+        create_graph = needs_create_graph(cfg.optimizer, i, cfg.hessian_interval)
         attention = self.raw_model.use_attention("math") if create_graph else nullcontext()
         total = 0.0
         with attention:
