@@ -27,6 +27,12 @@ def _global_scalar(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _gather_to_cpu(scalars: list[Tensor]) -> Tensor:
+    """Stack 0-d tensors and bring them to the host with one synchronisation."""
+    device = scalars[0].device
+    return torch.stack([t.to(device) for t in scalars]).cpu()
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool)
 
@@ -220,7 +226,7 @@ class SophiaBase(Optimizer):
             return
         ps = list(estimates)
         # Checked per local shard under FSDP: a rank skips only its own non-finite shard.
-        finite = torch.stack([torch.isfinite(_local(estimates[p])).all().cpu() for p in ps]).tolist()
+        finite = _gather_to_cpu([torch.isfinite(_local(estimates[p])).all() for p in ps]).tolist()
         bad = finite.count(False)
         if bad:
             self._note_skipped(bad, "explicit estimate with inf or nan")
@@ -266,8 +272,8 @@ class SophiaBase(Optimizer):
         # One reduction per tensor and one sync: is bs * max|g|**2 finite in the grad's dtype?
         # Under FSDP each rank checks its local shard.
         grads = [_local(p.grad.detach()) for p in params]
-        amax = torch.stack([g.abs().amax().double().cpu() if g.numel() else
-                            torch.zeros((), dtype=torch.float64) for g in grads])
+        amax = _gather_to_cpu([g.abs().amax().double() if g.numel() else
+                               torch.zeros((), dtype=torch.float64, device=g.device) for g in grads])
         est_max = amax * amax * float(bs)
         limits = torch.tensor([torch.finfo(p.dtype).max for p in params], dtype=torch.float64)
         ok = (torch.isfinite(est_max) & (est_max <= limits)).tolist()
