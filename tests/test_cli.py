@@ -41,3 +41,20 @@ def test_bench_step_quick_writes_report_and_results(tmp_path, capsys):
     assert result["machine"]["torch"] and result["stream_bandwidth_GBps"] > 0
     report = (tmp_path / "report.md").read_text()
     assert "Command:" in report and "| SophiaG for-loop |" in report
+
+
+def test_bench_overhead_quick_writes_report_and_results(tmp_path, capsys):
+    assert main(["bench", "overhead", "--quick", "--out-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    (tiny,) = result["presets"]
+    rows = {r["config"]: r for r in tiny["rows"]}
+    assert rows["adamw"]["ratio_to_adamw"] == 1.0 and rows["adamw"]["extra_passes_per_step"] == 0
+    assert rows["sophiag k=10"]["extra_passes_per_step"] == pytest.approx(0.1)  # 2 refreshes in 20 steps
+    assert rows["sophiag k=10, 1/4 batch"]["extra_passes_per_step"] == pytest.approx(0.025)
+    assert rows["sophiah k=10"]["median_refresh_ms"] > 0
+    assert "| sophiag k=10 |" in (tmp_path / "report.md").read_text()
+
+
+def test_bench_overhead_rejects_steps_not_a_multiple_of_k(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "overhead", "--steps", "15", "--out-dir", str(tmp_path)])

@@ -93,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--quick", action="store_true", help="a tiny parameter set, seconds")
     step.add_argument("--no-compiled", action="store_true", help="skip the compiled (fused) path")
 
+    ov = bench.add_parser("overhead", help="wall-clock cost of the Hessian estimate per training step")
+    ov.add_argument("--out-dir", required=True)
+    ov.add_argument("--presets", default="tiny,small", help="comma-separated (default tiny,small)")
+    ov.add_argument("--steps", type=int, default=100, help="rounds; a multiple of 10 (default 100)")
+    ov.add_argument("--quick", action="store_true", help="a one-layer tiny model, 20 rounds")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -129,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
             from sophia.bench.step import main as step_main
 
             step_main(args.out_dir, args.preset, args.dtype, args.rounds, args.quick, not args.no_compiled)
+            return 0
+        if args.command == "bench" and args.bench == "overhead":
+            if args.steps < 10 or args.steps % 10:
+                parser.error("--steps must be a positive multiple of 10")
+            from sophia.bench.overhead import main as overhead_main
+
+            overhead_main(args.out_dir, [p for p in args.presets.split(",") if p], args.steps, args.quick)
             return 0
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
