@@ -118,11 +118,13 @@ class SophiaH(SophiaBase):
         return any(self._due(g, p) for g in self.param_groups for p in g["params"])
 
     def update_hessian(self, bs: int | None = None, *, estimates=None) -> None:  # noqa: D102
+        if estimates is not None and bs is None:
+            resolved = self._resolve_estimates(estimates)  # once: validated, then folded
+            self._fold_estimates(resolved)
+            self._supplied.update(id(p) for p in resolved)
+            return
         super().update_hessian(bs, estimates=estimates)
-        if estimates is not None:
-            self._supplied.update(id(p) for p in self._resolve_estimates(estimates))
-        else:
-            self._supplied.update(id(p) for g in self.param_groups for p in self._params_with_grad(g))
+        self._supplied.update(id(p) for g in self.param_groups for p in self._params_with_grad(g))
 
     update_hessian.__doc__ = SophiaBase.update_hessian.__doc__
 
