@@ -1,4 +1,4 @@
-"""Command line: ``sophia train | sample | data prepare | bench step | demo``. Thin: parses and calls."""
+"""Command line: ``sophia train | sample | data prepare | demo | bench step|overhead|converge``. Thin: parses and calls."""
 
 from __future__ import annotations
 
@@ -56,6 +56,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str | None, kind):
+    if text is None:
+        return None
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise TrainError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}") from None
+
+
+def _grids(items: list[str]) -> dict[str, list[float]] | None:
+    grids = {}
+    for item in items:
+        opt, sep, values = item.partition("=")
+        if not sep:
+            raise TrainError(f"--lrs takes OPT=LR,LR,..., got {item!r}")
+        grids[opt.strip()] = _csv(values, float)
+    return grids or None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sophia", description="sophia-lab command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     ov.add_argument("--presets", default="tiny,small", help="comma-separated (default tiny,small)")
     ov.add_argument("--steps", type=int, default=100, help="rounds; a multiple of 10 (default 100)")
     ov.add_argument("--quick", action="store_true", help="a one-layer tiny model, 20 rounds")
+
+    cv = bench.add_parser("converge", help="steps, compute and time to AdamW's loss, every optimizer tuned alike")
+    cv.add_argument("--out-dir", required=True, help="the sweep's folder; a rerun continues it (finished runs kept)")
+    cv.add_argument("--preset", default="tiny")
+    cv.add_argument("--optimizers", default=None, help="comma-separated (default adamw,lion,adahessian,sophiah,sophiag)")
+    cv.add_argument("--steps", type=int, default=400, help="training steps per run: the token budget (default 400)")
+    cv.add_argument("--seeds", type=int, default=3, help="seeds at each optimizer's best setting (default 3)")
+    cv.add_argument("--lrs", action="append", default=[], metavar="OPT=LR,LR,...",
+                    help="an optimizer's starting lr grid (repeatable); default: built-in grids for tiny")
+    cv.add_argument("--rhos", default=None, help="Sophia's rho grid (default 0.01,0.05,0.2)")
+    cv.add_argument("--eval-every", type=int, default=25)
+    cv.add_argument("--eval-batches", type=int, default=10)
+    cv.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
+    cv.add_argument("--data-root", default="data")
+    cv.add_argument("--quick", action="store_true", help="a one-layer model, 20 steps, AdamW and SophiaG")
 
     args = parser.parse_args(argv)
     try:
@@ -142,6 +176,14 @@ def main(argv: list[str] | None = None) -> int:
             from sophia.bench.overhead import main as overhead_main
 
             overhead_main(args.out_dir, [p for p in args.presets.split(",") if p], args.steps, args.quick)
+            return 0
+        if args.command == "bench" and args.bench == "converge":
+            from sophia.bench.converge import main as converge_main
+
+            converge_main(args.out_dir, preset=args.preset, optimizers=_csv(args.optimizers, str),
+                          steps=args.steps, seeds=args.seeds, lrs=_grids(args.lrs), rhos=_csv(args.rhos, float),
+                          eval_every=args.eval_every, eval_batches=args.eval_batches, data_root=args.data_root,
+                          jobs=args.jobs, quick=args.quick)
             return 0
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)

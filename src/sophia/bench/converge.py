@@ -1,0 +1,473 @@
+"""``sophia bench converge``: steps, compute and time to the same validation loss, tuned alike.
+
+Every optimizer gets the same tuning procedure on the same preset, token budget and schedule
+(warm-up then cosine to lr/10):
+
+1. an lr grid (log-spaced, factor 2) at seed 0; while the best lr sits at an edge of the grid,
+   the grid grows by one point on that side (at most ``max_extend`` times);
+2. for Sophia only, a rho grid at its best lr (the issue's "and a rho grid for Sophia");
+3. the best setting again at seeds 1 .. seeds-1.
+
+Each run is ``sophia train`` in its own process with one thread, ``jobs`` at a time. A run
+whose ``result.json`` exists is never redone; an interrupted one resumes from its checkpoint.
+A diverged run counts as infinitely bad and is not retried. The report compares the best
+settings over seeds: final validation loss, and the steps, tokens, forward/backward passes
+(Hessian estimates counted) and training wall-clock each needs to reach AdamW's mean final
+validation loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sophia.bench.machine import machine_info
+from sophia.lm.checkpoint import CHECKPOINT, read_metrics
+from sophia.lm.config import TrainError, resolve_config
+
+OPTIMIZER_ORDER = ("adamw", "lion", "adahessian", "sophiah", "sophiag")
+NAMES = {"adamw": "AdamW", "lion": "Lion", "adahessian": "AdaHessian", "sophiah": "SophiaH", "sophiag": "SophiaG"}
+# Starting lr grids (factor 2 apart) for the tiny preset; the edge rule moves them where needed.
+DEFAULT_LRS = {
+    "adamw": (2e-3, 4e-3, 8e-3, 1.6e-2),
+    "lion": (5e-4, 1e-3, 2e-3, 4e-3),
+    "adahessian": (0.0375, 0.075, 0.15, 0.3),
+    "sophiah": (2.5e-4, 5e-4, 1e-3, 2e-3),
+    "sophiag": (2.5e-4, 5e-4, 1e-3, 2e-3),
+}
+DEFAULT_RHOS = (0.01, 0.05, 0.2)
+QUICK_MODEL = {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 32, "batch_size": 4}
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass(frozen=True)
+class Setting:
+    optimizer: str
+    lr: float
+    rho: float | None
+    seed: int
+
+    @property
+    def name(self) -> str:
+        rho = f"-rho{self.rho:g}" if self.rho is not None else ""
+        return f"{self.optimizer}-lr{self.lr:g}{rho}-s{self.seed}"
+
+
+def is_sophia(optimizer: str) -> bool:
+    return optimizer.startswith("sophia")
+
+
+class Sweep:
+    """Runs settings as subprocesses, at most ``jobs`` at a time, skipping finished ones."""
+
+    def __init__(self, out: Path, spec: dict[str, Any], jobs: int, log=print) -> None:
+        self.out, self.spec, self.jobs, self.log = out, spec, jobs, log
+        self.runs_dir = out / "runs"
+        self.results: dict[Setting, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    # -- one run ------------------------------------------------------------------------------
+    def run_dir(self, s: Setting) -> Path:
+        return self.runs_dir / s.name
+
+    def command(self, s: Setting, resume: bool) -> list[str]:
+        spec = self.spec
+        cmd = [sys.executable, "-m", "sophia", "train", "--out-dir", str(self.run_dir(s)), "--no-progress"]
+        if resume:
+            return cmd + ["--resume"]
+        cmd += ["--preset", spec["preset"], "--optimizer", s.optimizer, "--lr", repr(s.lr),
+                "--min-lr", repr(s.lr / 10), "--seed", str(s.seed), "--max-steps", str(spec["steps"]),
+                "--eval-every", str(spec["eval_every"]), "--eval-batches", str(spec["eval_batches"]),
+                "--checkpoint-every", str(spec["checkpoint_every"]), "--log-every", str(spec["eval_every"]),
+                "--warmup-steps", str(spec["warmup_steps"]), "--data-root", spec["data_root"]]
+        if s.rho is not None:
+            cmd += ["--rho", repr(s.rho)]
+        for key, value in spec["model"].items():
+            cmd += ["--" + key.replace("_", "-"), str(value)]
+        return cmd
+
+    def execute(self, s: Setting) -> dict[str, Any]:
+        d = self.run_dir(s)
+        done = d / "result.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        d.mkdir(parents=True, exist_ok=True)
+        resume = (d / CHECKPOINT).exists()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.log(f"run {s.name}" + (" (resuming)" if resume else ""))
+        with open(d / "log.txt", "a") as logf:
+            proc = subprocess.run(self.command(s, resume), stdout=logf, stderr=subprocess.STDOUT, env=env)
+        text = (d / "log.txt").read_text()
+        if proc.returncode != 0 and "diverged" not in text:
+            tail = text.strip().splitlines()[-1:] or ["(no output)"]
+            raise TrainError(f"run {s.name} failed (exit {proc.returncode}): {tail[0]}; log: {d / 'log.txt'}")
+        events = read_metrics(d)
+        evals = [e for e in events if e.get("event") == "eval"]
+        diverged = proc.returncode != 0
+        result = {"optimizer": s.optimizer, "lr": s.lr, "rho": s.rho, "seed": s.seed,
+                  "status": "diverged" if diverged else "ok",
+                  "final_val_loss": math.inf if diverged else evals[-1]["val_loss"],
+                  "evals": [{k: e[k] for k in ("step", "val_loss", "tokens", "elapsed", "train_passes",
+                                               "hessian_passes")} for e in evals]}
+        tmp = d / ".result.json.tmp"
+        tmp.write_text(json.dumps(result) + "\n")
+        os.replace(tmp, done)
+        self.log(f"done {s.name}: " + (f"diverged" if diverged else f"val loss {result['final_val_loss']:.4f}"))
+        return result
+
+    # -- the procedure --------------------------------------------------------------------------
+    def plan(self) -> None:
+        """Run every optimizer's pipeline (lr grid with edge growth, rho grid, seeds) on a shared pool."""
+        spec = self.spec
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            pending: dict[Future, Setting] = {}
+            stage: dict[str, dict[str, Any]] = {}
+
+            def submit(s: Setting) -> None:
+                pending[pool.submit(self.execute, s)] = s
+
+            # Start the costlier optimizers first so that the pool stays full near the end.
+            for opt in spec["optimizers"]:
+                rho = spec["default_rho"][opt] if is_sophia(opt) else None
+                lrs = sorted(spec["lrs"][opt])
+                stage[opt] = {"phase": "lr", "lrs": lrs, "extended": 0, "rho": rho, "open": len(lrs)}
+                for lr in lrs:
+                    submit(Setting(opt, lr, rho, 0))
+            error: BaseException | None = None
+            while pending:
+                finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    s = pending.pop(fut)
+                    try:
+                        self.results[s] = fut.result()
+                    except BaseException as e:  # keep the others running; report the first failure
+                        error = error or e
+                        continue
+                    if error is None:
+                        st = stage[s.optimizer]
+                        st["open"] -= 1
+                        if st["open"] == 0:
+                            for nxt in self._advance(s.optimizer, st):
+                                submit(nxt)
+            if error is not None:
+                raise error
+
+    def _score(self, opt: str, lr: float, rho: float | None, seed: int = 0) -> float:
+        return self.results[Setting(opt, lr, rho, seed)]["final_val_loss"]
+
+    def _advance(self, opt: str, st: dict[str, Any]) -> list[Setting]:
+        spec = self.spec
+        if st["phase"] == "lr":
+            lrs = st["lrs"]
+            best = min(lrs, key=lambda lr: self._score(opt, lr, st["rho"]))
+            if st["extended"] < spec["max_extend"] and best in (lrs[0], lrs[-1]) and len(lrs) > 1:
+                new = best / 2 if best == lrs[0] else best * 2
+                st["lrs"] = sorted(lrs + [new])
+                st["extended"] += 1
+                st["open"] = 1
+                return [Setting(opt, new, st["rho"], 0)]
+            st["best_lr"] = best
+            if is_sophia(opt):
+                st["phase"] = "rho"
+                rhos = [r for r in spec["rhos"] if r != st["rho"]]
+                if rhos:
+                    st["open"] = len(rhos)
+                    return [Setting(opt, best, r, 0) for r in rhos]
+        if st["phase"] == "rho":
+            best_lr = st["best_lr"]
+            st["rho"] = min([st["rho"], *spec["rhos"]], key=lambda r: self._score(opt, best_lr, r))
+        if st["phase"] in ("lr", "rho"):
+            st["phase"] = "seeds"
+            seeds = list(range(1, spec["seeds"]))
+            st["open"] = len(seeds)
+            if seeds:
+                return [Setting(opt, st["best_lr"], st["rho"], seed) for seed in seeds]
+        st["phase"] = "done"
+        return []
+
+    def best_settings(self) -> dict[str, tuple[float, float | None]]:
+        """Per optimizer, the seed-0 setting with the lowest final loss (lr, then rho)."""
+        best = {}
+        for opt in self.spec["optimizers"]:
+            cands = [s for s in self.results if s.optimizer == opt and s.seed == 0]
+            s = min(cands, key=lambda c: (self.results[c]["final_val_loss"], c.lr))
+            best[opt] = (s.lr, s.rho)
+        return best
+
+
+# -- analysis --------------------------------------------------------------------------------------
+def crossing(evals: list[dict[str, Any]], target: float) -> dict[str, float] | None:
+    """The first point where the validation loss reaches ``target``, linearly interpolated between
+    evaluations, in steps, tokens, passes (training + Hessian) and training seconds; None if never."""
+    prev = None
+    for e in evals:
+        if e["val_loss"] <= target:
+            if prev is None:
+                f = 1.0
+                prev = e
+            else:
+                f = (prev["val_loss"] - target) / (prev["val_loss"] - e["val_loss"])
+
+            def at(key, a=prev, b=e, f=f):
+                return a[key] + f * (b[key] - a[key])
+
+            return {"steps": at("step"), "tokens": at("tokens"), "elapsed": at("elapsed"),
+                    "passes": at("train_passes") + at("hessian_passes")}
+        prev = e
+    return None
+
+
+def mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Evaluations averaged over seeds, point by point (loss and every x-axis quantity)."""
+    n = min(len(r["evals"]) for r in runs)
+    keys = ("step", "val_loss", "tokens", "elapsed", "train_passes", "hessian_passes")
+    return [{k: statistics.fmean(r["evals"][i][k] for r in runs) for k in keys} for i in range(n)]
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def analyse(sweep: Sweep) -> dict[str, Any]:
+    spec, results = sweep.spec, sweep.results
+    best = sweep.best_settings()
+    per_opt: dict[str, dict[str, Any]] = {}
+    for opt in spec["optimizers"]:
+        lr, rho = best[opt]
+        runs = [results[Setting(opt, lr, rho, seed)] for seed in range(spec["seeds"])]
+        finals = [r["final_val_loss"] for r in runs]
+        grid = sorted(({"lr": s.lr, "rho": s.rho, "final_val_loss": r["final_val_loss"], "status": r["status"]}
+                       for s, r in results.items() if s.optimizer == opt and s.seed == 0),
+                      key=lambda g: (g["rho"] or 0, g["lr"]))
+        mean, sd = _mean_sd(finals)
+        per_opt[opt] = {"best_lr": lr, "best_rho": rho, "finals": finals, "final_mean": mean, "final_sd": sd,
+                        "final_min": min(finals), "final_max": max(finals), "grid": grid, "runs": runs,
+                        "tuning_runs": len(grid)}
+    ref_name = "adamw" if "adamw" in per_opt else spec["optimizers"][0]
+    ref = per_opt[ref_name]
+    target = ref["final_mean"]
+    keys = ("steps", "tokens", "passes", "elapsed")
+    # The reference's own mean curve reaches the target at its last evaluation: its budget.
+    ref_cross = crossing(mean_curve(ref["runs"]), target) if math.isfinite(target) else None
+    for opt, d in per_opt.items():
+        mc = crossing(mean_curve(d["runs"]), target) if ref_cross else None
+        seeds = [crossing(r["evals"], target) for r in d["runs"]] if ref_cross else [None] * len(d["runs"])
+        d["reached"] = sum(c is not None for c in seeds)
+        d["to_target"] = {}
+        for key in keys:
+            t = {"mean_curve": mc[key] if mc else None, "per_seed": [c[key] if c else None for c in seeds]}
+            if mc:
+                t["speedup"] = ref_cross[key] / mc[key]
+                per = [ref_cross[key] / c[key] for c in seeds if c]
+                if per:
+                    t["speedup_seeds_min"], t["speedup_seeds_max"] = min(per), max(per)
+            d["to_target"][key] = t
+        # Against the reference over seeds: Welch's t and whether the seed ranges overlap.
+        if opt != ref_name and math.isfinite(d["final_mean"]):
+            diff = d["final_mean"] - ref["final_mean"]
+            se = math.sqrt(d["final_sd"] ** 2 / len(d["finals"]) + ref["final_sd"] ** 2 / len(ref["finals"]))
+            d["vs_ref"] = {"diff": diff, "welch_t": diff / se if se > 0 else math.copysign(math.inf, diff),
+                           "ranges_overlap": not (d["final_min"] > ref["final_max"]
+                                                  or d["final_max"] < ref["final_min"])}
+    return {"target": target, "reference": ref_name, "optimizers": per_opt}
+
+
+# -- plots and report ---------------------------------------------------------------------------
+def _band(runs: list[dict[str, Any]], key: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    n = min(len(r["evals"]) for r in runs)
+    xs, mean, lo, hi = [], [], [], []
+    for i in range(n):
+        vals = [r["evals"][i]["val_loss"] for r in runs]
+        xs.append(statistics.fmean(r["evals"][i][key] for r in runs))
+        mean.append(statistics.fmean(vals))
+        lo.append(min(vals))
+        hi.append(max(vals))
+    return xs, mean, lo, hi
+
+
+def plot(analysis: dict[str, Any], out: Path, title: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for key, label, fname in (("step", "step", "loss_vs_steps.png"),
+                              ("elapsed", "training wall-clock (s, one thread)", "loss_vs_time.png")):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for opt, d in analysis["optimizers"].items():
+            xs, mean, lo, hi = _band(d["runs"], key)
+            line, = ax.plot(xs, mean, label=f"{NAMES.get(opt, opt)} (lr {d['best_lr']:g})")
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+        ax.axhline(analysis["target"], color="grey", ls=":", lw=1, label="AdamW final (mean)")
+        finals = [d["final_mean"] for d in analysis["optimizers"].values() if math.isfinite(d["final_mean"])]
+        if finals:
+            ax.set_ylim(min(finals) - 0.1, max(finals) + 0.9)
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation loss (mean, band: min-max over seeds)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+        files.append(fname)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for opt, d in analysis["optimizers"].items():
+        pts = [g for g in d["grid"] if g["rho"] == d["best_rho"]]
+        ys = [g["final_val_loss"] if math.isfinite(g["final_val_loss"]) else float("nan") for g in pts]
+        ax.plot([g["lr"] for g in pts], ys, marker="o", label=NAMES.get(opt, opt))
+    ax.set_xscale("log")
+    ax.set_xlabel("peak lr")
+    ax.set_ylabel("final validation loss (seed 0)")
+    ax.set_title("lr sensitivity (Sophia at its best rho; diverged runs omitted)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_lr.png", dpi=120)
+    plt.close(fig)
+    return files + ["loss_vs_lr.png"]
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    if x is None:
+        return "not reached"
+    return "diverged" if not math.isfinite(x) else format(x, spec)
+
+
+def report(result: dict[str, Any]) -> str:
+    spec, a, m = result["spec"], result["analysis"], result["machine"]
+    opts = a["optimizers"]
+    tokens = spec["steps"] * spec["tokens_per_step"]
+    lines = [
+        f"# Convergence: {', '.join(NAMES.get(o, o) for o in opts)} on `{spec['preset']}`, tuned alike", "",
+        f"Command: `{result['command']}`", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; {spec['jobs']} runs at a time, one "
+        f"thread each. Wall-clock is training time only (no evaluation or checkpoints), taken while "
+        f"{spec['jobs']} runs shared the machine.", "",
+        f"Budget: {spec['steps']} steps of {spec['tokens_per_step']:,} tokens ({tokens:,} tokens), warm-up "
+        f"{spec['warmup_steps']} steps then cosine to lr/10, the preset's other settings for each optimizer; "
+        f"validation loss on {spec['eval_batches']} fixed batches every {spec['eval_every']} steps.", "",
+        f"Tuning, the same for every optimizer: lr grid factor 2 apart at seed 0, grown by one point while "
+        f"the best sat at an edge (at most {spec['max_extend']} times); Sophia also a rho grid "
+        f"({', '.join(f'{r:g}' for r in spec['rhos'])}) at its best lr; then the best setting at "
+        f"{spec['seeds']} seeds (model init and data order).", "",
+        "## Final validation loss at the best setting", "",
+        "| optimizer | best lr | rho | tuning runs | final loss mean | sd | min-max | vs AdamW | Welch t | "
+        "ranges overlap |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for opt, d in opts.items():
+        vs = d.get("vs_ref")
+        lines.append(
+            f"| {NAMES.get(opt, opt)} | {d['best_lr']:g} | {'' if d['best_rho'] is None else format(d['best_rho'], 'g')} "
+            f"| {d['tuning_runs']} | {_fmt(d['final_mean'], '.4f')} | {d['final_sd']:.4f} | "
+            f"{_fmt(d['final_min'], '.3f')}-{_fmt(d['final_max'], '.3f')} | "
+            + (f"{vs['diff']:+.4f} | {vs['welch_t']:+.1f} | {'yes' if vs['ranges_overlap'] else 'no'} |"
+               if vs else "| | |"))
+    lines += ["", f"## To AdamW's final loss ({a['target']:.4f}, the mean over its seeds)", "",
+              "Where each optimizer's mean curve (over seeds) first reaches that loss, interpolated between "
+              "evaluations; passes are forward/backward pairs, Hessian estimates included. Speedup = AdamW's "
+              "value / the optimizer's; in brackets the range over single seeds (seeds that reached it).", "",
+              "| optimizer | seeds reaching | steps | speedup (steps) | tokens | passes | speedup (passes) | "
+              "wall-clock s | speedup (time) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def sp(t):
+        if "speedup" not in t:
+            return "-"
+        rng = f" ({t['speedup_seeds_min']:.2f}-{t['speedup_seeds_max']:.2f})" if "speedup_seeds_min" in t else ""
+        return f"{t['speedup']:.2f}x{rng}"
+
+    for opt, d in opts.items():
+        t = d["to_target"]
+        lines.append(f"| {NAMES.get(opt, opt)} | {d['reached']}/{len(d['runs'])} | "
+                     f"{_fmt(t['steps']['mean_curve'], '.0f')} | {sp(t['steps'])} | "
+                     f"{_fmt(t['tokens']['mean_curve'], ',.0f')} | {_fmt(t['passes']['mean_curve'], '.0f')} | "
+                     f"{sp(t['passes'])} | {_fmt(t['elapsed']['mean_curve'], '.0f')} | {sp(t['elapsed'])} |")
+    lines += ["", "A seed counts as reaching the target when its own curve gets there within the budget (AdamW's "
+              "seeds above their mean do not, by construction).", "", "## lr sensitivity (seed 0)", "",
+              "| optimizer | rho | " + "lr: final loss |", "|---|---:|---|"]
+    for opt, d in opts.items():
+        for rho in sorted({g["rho"] for g in d["grid"]}, key=lambda r: r or 0):
+            pts = [g for g in d["grid"] if g["rho"] == rho]
+            cells = ", ".join(f"{g['lr']:g}: {_fmt(g['final_val_loss'], '.3f')}" for g in pts)
+            lines.append(f"| {NAMES.get(opt, opt)} | {'' if rho is None else format(rho, 'g')} | {cells} |")
+    lines += ["", "Plots: `loss_vs_steps.png`, `loss_vs_time.png`, `loss_vs_lr.png`."]
+    return "\n".join(lines) + "\n"
+
+
+# -- entry point ---------------------------------------------------------------------------------
+def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: dict[str, list[float]] | None,
+               rhos: list[float], eval_every: int, eval_batches: int, data_root: str, jobs: int, quick: bool,
+               max_extend: int = 2) -> dict[str, Any]:
+    model = dict(QUICK_MODEL) if quick else {}
+    warmup = max(1, steps // 10) if quick else None
+    grids, default_rho, tokens_per_step, warmup_steps = {}, {}, None, None
+    for opt in optimizers:
+        if opt not in NAMES:
+            raise TrainError(f"unknown optimizer {opt!r} for bench converge; choose from {', '.join(NAMES)}")
+        cfg = resolve_config(preset, opt, {**model, "max_steps": steps, "warmup_steps": warmup})
+        tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+        warmup_steps = cfg.warmup_steps
+        grid = (lrs or {}).get(opt) or list(DEFAULT_LRS[opt])
+        if len(grid) < 2 and not quick:
+            raise TrainError(f"the lr grid of {opt} needs at least 2 values")
+        grids[opt] = [float(x) for x in grid]
+        if is_sophia(opt):
+            default_rho[opt] = cfg.rho
+    return {"preset": preset, "optimizers": optimizers, "steps": steps, "seeds": seeds, "lrs": grids,
+            "rhos": [float(r) for r in rhos], "default_rho": default_rho, "eval_every": eval_every,
+            "eval_batches": eval_batches, "checkpoint_every": max(eval_every, steps // 4),
+            "warmup_steps": warmup_steps, "tokens_per_step": tokens_per_step, "model": model,
+            "data_root": data_root, "jobs": jobs, "max_extend": max_extend}
+
+
+# Settings that may differ when an interrupted sweep is continued (they do not change any run).
+_RESUMABLE = {"jobs", "data_root"}
+
+
+def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = None, steps: int = 400,
+         seeds: int = 3, lrs: dict[str, list[float]] | None = None, rhos: list[float] | None = None,
+         eval_every: int = 25, eval_batches: int = 10, data_root: str = "data", jobs: int = 2,
+         quick: bool = False) -> dict[str, Any]:
+    if quick:
+        optimizers = optimizers or ["adamw", "sophiag"]
+        steps, seeds, eval_every, eval_batches = 20, 2, 5, 2
+        lrs = lrs or {"adamw": [4e-3, 8e-3], "sophiag": [5e-4, 1e-3], "sophiah": [5e-4, 1e-3],
+                      "lion": [5e-4, 1e-3], "adahessian": [0.075, 0.15]}
+        rhos = rhos or [0.05, 0.2]
+    optimizers = optimizers or list(OPTIMIZER_ORDER)
+    if steps < 1 or seeds < 1 or jobs < 1 or eval_every < 1 or eval_batches < 1:
+        raise TrainError("--steps, --seeds, --jobs, --eval-every and --eval-batches must be >= 1")
+    spec = build_spec(preset, optimizers, steps, seeds, lrs, rhos or list(DEFAULT_RHOS), eval_every, eval_batches,
+                      data_root, jobs, quick, max_extend=0 if quick else 2)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    saved_path = out / SWEEP_FILE
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        diff = sorted(k for k in set(saved) | set(spec) if k not in _RESUMABLE and saved.get(k) != spec.get(k))
+        if diff:
+            raise TrainError(f"{out} holds a sweep with other settings ({', '.join(diff)} differ); continue it "
+                             f"with the same options or choose another --out-dir")
+    saved_path.write_text(json.dumps(spec, indent=2) + "\n")
+    sweep = Sweep(out, spec, jobs, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    sweep.plan()
+    result = {"command": "sophia " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "machine": machine_info(),
+              "spec": spec, "analysis": analyse(sweep)}
+    result["plots"] = plot(result["analysis"], out, f"{preset}: validation loss at each optimizer's best setting")
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = report(result)
+    (out / "report.md").write_text(text)
+    print(text)
+    return result
