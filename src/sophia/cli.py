@@ -1,8 +1,9 @@
-"""Command line: ``sophia train | sample | data prepare | demo | bench step|overhead|converge``. Thin: parses and calls."""
+"""Command line: ``sophia train | sample | data prepare | demo | bench step|overhead|converge|toy``. Thin."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from dataclasses import fields
 
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     cv = bench.add_parser("converge", help="steps, compute and time to AdamW's loss, every optimizer tuned alike")
     cv.add_argument("--out-dir", required=True, help="the sweep's folder; a rerun continues it (finished runs kept)")
     cv.add_argument("--preset", default="tiny")
-    cv.add_argument("--optimizers", default=None, help="comma-separated (default adamw,lion,adahessian,sophiah,sophiag)")
+    cv.add_argument("--optimizers", default=None,
+                    help="comma-separated (default: adamw,lion,adahessian,sophiah,sophiag)")
     cv.add_argument("--steps", type=int, default=400, help="training steps per run: the token budget (default 400)")
     cv.add_argument("--seeds", type=int, default=3, help="seeds at each optimizer's best setting (default 3)")
     cv.add_argument("--lrs", action="append", default=[], metavar="OPT=LR,LR,...",
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     cv.add_argument("--quick", action="store_true", help="a one-layer model, 20 steps, AdamW and SophiaG")
 
     args = parser.parse_args(argv)
+    command = "sophia " + shlex.join(sys.argv[1:] if argv is None else argv)  # what the reports record
     try:
         if args.command == "train":
             return _train(args)
@@ -168,14 +171,16 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--rounds must be >= 1")
             from sophia.bench.step import main as step_main
 
-            step_main(args.out_dir, args.preset, args.dtype, args.rounds, args.quick, not args.no_compiled)
+            step_main(args.out_dir, args.preset, args.dtype, args.rounds, args.quick, not args.no_compiled,
+                      command=command)
             return 0
         if args.command == "bench" and args.bench == "overhead":
             if args.steps < 10 or args.steps % 10:
                 parser.error("--steps must be a positive multiple of 10")
             from sophia.bench.overhead import main as overhead_main
 
-            overhead_main(args.out_dir, [p for p in args.presets.split(",") if p], args.steps, args.quick)
+            overhead_main(args.out_dir, [p for p in args.presets.split(",") if p], args.steps, args.quick,
+                          command=command)
             return 0
         if args.command == "bench" and args.bench == "converge":
             from sophia.bench.converge import main as converge_main
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             converge_main(args.out_dir, preset=args.preset, optimizers=_csv(args.optimizers, str),
                           steps=args.steps, seeds=args.seeds, lrs=_grids(args.lrs), rhos=_csv(args.rhos, float),
                           eval_every=args.eval_every, eval_batches=args.eval_batches, data_root=args.data_root,
-                          jobs=args.jobs, quick=args.quick)
+                          jobs=args.jobs, quick=args.quick, command=command)
             return 0
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -122,7 +121,7 @@ class Sweep:
         tmp = d / ".result.json.tmp"
         tmp.write_text(json.dumps(result) + "\n")
         os.replace(tmp, done)
-        self.log(f"done {s.name}: " + (f"diverged" if diverged else f"val loss {result['final_val_loss']:.4f}"))
+        self.log(f"done {s.name}: " + ("diverged" if diverged else f"val loss {result['final_val_loss']:.4f}"))
         return result
 
     # -- the procedure --------------------------------------------------------------------------
@@ -339,6 +338,10 @@ def plot(analysis: dict[str, Any], out: Path, title: str) -> list[str]:
     return files + ["loss_vs_lr.png"]
 
 
+def _rho(rho: float | None) -> str:
+    return "" if rho is None else format(rho, "g")
+
+
 def _fmt(x: float | None, spec: str) -> str:
     if x is None:
         return "not reached"
@@ -369,8 +372,8 @@ def report(result: dict[str, Any]) -> str:
     for opt, d in opts.items():
         vs = d.get("vs_ref")
         lines.append(
-            f"| {NAMES.get(opt, opt)} | {d['best_lr']:g} | {'' if d['best_rho'] is None else format(d['best_rho'], 'g')} "
-            f"| {d['tuning_runs']} | {_fmt(d['final_mean'], '.4f')} | {d['final_sd']:.4f} | "
+            f"| {NAMES.get(opt, opt)} | {d['best_lr']:g} | {_rho(d['best_rho'])} | {d['tuning_runs']} | "
+            f"{_fmt(d['final_mean'], '.4f')} | {d['final_sd']:.4f} | "
             f"{_fmt(d['final_min'], '.3f')}-{_fmt(d['final_max'], '.3f')} | "
             + (f"{vs['diff']:+.4f} | {vs['welch_t']:+.1f} | {'yes' if vs['ranges_overlap'] else 'no'} |"
                if vs else "| | |"))
@@ -401,7 +404,7 @@ def report(result: dict[str, Any]) -> str:
         for rho in sorted({g["rho"] for g in d["grid"]}, key=lambda r: r or 0):
             pts = [g for g in d["grid"] if g["rho"] == rho]
             cells = ", ".join(f"{g['lr']:g}: {_fmt(g['final_val_loss'], '.3f')}" for g in pts)
-            lines.append(f"| {NAMES.get(opt, opt)} | {'' if rho is None else format(rho, 'g')} | {cells} |")
+            lines.append(f"| {NAMES.get(opt, opt)} | {_rho(rho)} | {cells} |")
     lines += ["", "Plots: `loss_vs_steps.png`, `loss_vs_time.png`, `loss_vs_lr.png`."]
     return "\n".join(lines) + "\n"
 
@@ -439,7 +442,7 @@ _RESUMABLE = {"jobs", "data_root"}
 def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = None, steps: int = 400,
          seeds: int = 3, lrs: dict[str, list[float]] | None = None, rhos: list[float] | None = None,
          eval_every: int = 25, eval_batches: int = 10, data_root: str = "data", jobs: int = 2,
-         quick: bool = False) -> dict[str, Any]:
+         quick: bool = False, command: str = "sophia bench converge") -> dict[str, Any]:
     if quick:
         optimizers = optimizers or ["adamw", "sophiag"]
         steps, seeds, eval_every, eval_batches = 20, 2, 5, 2
@@ -463,7 +466,7 @@ def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = N
     saved_path.write_text(json.dumps(spec, indent=2) + "\n")
     sweep = Sweep(out, spec, jobs, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     sweep.plan()
-    result = {"command": "sophia " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "machine": machine_info(),
+    result = {"command": command, "machine": machine_info(),
               "spec": spec, "analysis": analyse(sweep)}
     result["plots"] = plot(result["analysis"], out, f"{preset}: validation loss at each optimizer's best setting")
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import shlex
 import statistics
 import sys
 import time
@@ -103,12 +102,12 @@ def report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(out_dir: str, presets: list[str], steps: int, quick: bool) -> None:
+def main(out_dir: str, presets: list[str], steps: int, quick: bool, command: str = "sophia bench overhead") -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if quick:
         presets, steps = ["tiny"], 20
-    result = {"command": "sophia " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "machine": machine_info(),
+    result = {"command": command, "machine": machine_info(),
               "presets": [measure(p, steps, out, quick, log=lambda m: print(m, file=sys.stderr)) for p in presets]}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     text = report(result)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,12 +181,12 @@ def report(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(out_dir: str, preset: str, dtype: str, rounds: int, quick: bool, compiled: bool) -> None:
+def main(out_dir: str, preset: str, dtype: str, rounds: int, quick: bool, compiled: bool,
+         command: str = "sophia bench step") -> None:
     if quick:
         preset, rounds = "quick", 5
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    command = "sophia " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "sophia bench step"
     result = run(preset=preset, dtype=dtype, rounds=rounds, include_compiled=compiled)
     result["command"] = command
     text = report(result, command)

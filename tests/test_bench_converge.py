@@ -1,0 +1,146 @@
+"""``sophia bench converge``: the tuning procedure, the analysis, and the quick mode end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sophia.bench.converge import Setting, Sweep, analyse, build_spec, crossing, mean_curve
+from sophia.cli import main
+
+
+def _evals(losses, step=10, tokens_per_step=100, seconds_per_step=0.5, hessian_every=None):
+    out = []
+    for i, loss in enumerate(losses):
+        s = i * step
+        out.append({"step": s, "val_loss": loss, "tokens": s * tokens_per_step, "elapsed": s * seconds_per_step,
+                    "train_passes": s, "hessian_passes": s // hessian_every if hessian_every else 0})
+    return out
+
+
+def test_crossing_interpolates_between_evaluations():
+    ev = _evals([4.0, 3.0, 2.0, 1.5])  # steps 0, 10, 20, 30
+    c = crossing(ev, 2.5)  # halfway between steps 10 and 20
+    assert c == {"steps": 15.0, "tokens": 1500.0, "elapsed": 7.5, "passes": 15.0}
+    assert crossing(ev, 1.0) is None
+    assert crossing(ev, 5.0)["steps"] == 0  # already there at the first evaluation
+    ev_h = _evals([4.0, 3.0, 2.0], hessian_every=5)  # passes count the Hessian estimates
+    assert crossing(ev_h, 2.0)["passes"] == 20 + 4
+
+
+def test_mean_curve_averages_pointwise():
+    a, b = _evals([4.0, 2.0]), _evals([3.0, 1.0], seconds_per_step=1.5)
+    mc = mean_curve([{"evals": a}, {"evals": b}])
+    assert [e["val_loss"] for e in mc] == [3.5, 1.5]
+    assert mc[1]["elapsed"] == pytest.approx((5 + 15) / 2)
+
+
+class FakeSweep(Sweep):
+    """The real procedure with a made-up, deterministic final loss instead of training."""
+
+    def __init__(self, spec, best_lr, best_rho=0.2):
+        super().__init__(Path("unused"), spec, jobs=2, log=lambda m: None)
+        self.best_lr, self.best_rho, self.executed = best_lr, best_rho, []
+
+    def execute(self, s: Setting):
+        self.executed.append(s)
+        loss = 2.0 + math.log2(s.lr / self.best_lr) ** 2 / 10 + 0.01 * s.seed
+        if s.rho is not None:
+            loss += abs(math.log2(s.rho / self.best_rho)) / 100
+        if s.lr >= 64 * self.best_lr:
+            return {"final_val_loss": math.inf, "status": "diverged", "evals": []}
+        return {"final_val_loss": loss, "status": "ok", "evals": _evals([5.0, loss])}
+
+
+def _spec(optimizers, lrs, seeds=3, max_extend=2):
+    spec = build_spec("tiny", optimizers, 20, seeds, lrs, [0.01, 0.05, 0.2], 5, 2, "data", 2, quick=True,
+                      max_extend=max_extend)
+    return spec
+
+
+def test_lr_grid_grows_at_the_edge_then_rho_then_seeds():
+    spec = _spec(["adamw", "sophiag"], {"adamw": [1e-3, 2e-3, 4e-3, 8e-3], "sophiag": [1e-3, 2e-3, 4e-3, 8e-3]})
+    sweep = FakeSweep(spec, best_lr=3.2e-2)  # beyond the top of both grids
+    sweep.plan()
+    adamw = sorted(s.lr for s in sweep.executed if s.optimizer == "adamw" and s.seed == 0)
+    assert adamw == pytest.approx([1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2])  # grown twice, then stopped
+    rhos = sorted(s.rho for s in sweep.executed if s.optimizer == "sophiag" and s.seed == 0
+                  and s.lr == pytest.approx(3.2e-2))
+    assert rhos == [0.01, 0.05, 0.2]  # the default (0.05) from the lr grid plus the other two
+    seeds = {(s.optimizer, round(s.lr, 12), s.rho, s.seed) for s in sweep.executed if s.seed > 0}
+    assert seeds == {("adamw", 0.032, None, 1), ("adamw", 0.032, None, 2),
+                     ("sophiag", 0.032, 0.2, 1), ("sophiag", 0.032, 0.2, 2)}
+    assert len(sweep.executed) == len(set(sweep.executed))  # nothing ran twice
+    best = sweep.best_settings()
+    assert best["adamw"] == (pytest.approx(0.032), None) and best["sophiag"] == (pytest.approx(0.032), 0.2)
+
+
+def test_no_growth_when_the_best_lr_is_inside_the_grid():
+    spec = _spec(["lion"], {"lion": [1e-3, 2e-3, 4e-3, 8e-3]}, seeds=2)
+    sweep = FakeSweep(spec, best_lr=2e-3)
+    sweep.plan()
+    assert sorted(s.lr for s in sweep.executed) == pytest.approx([1e-3, 2e-3, 2e-3, 4e-3, 8e-3])
+
+
+def test_a_diverged_run_loses_and_the_analysis_reports_speedups():
+    spec = _spec(["adamw", "sophiag"], {"adamw": [1e-3, 2e-3], "sophiag": [1e-3, 6.4e-2]}, seeds=2, max_extend=0)
+    sweep = FakeSweep(spec, best_lr=1e-3)
+    sweep.plan()
+    assert sweep.results[Setting("sophiag", 6.4e-2, 0.05, 0)]["status"] == "diverged"
+    # Replace the curves by ones with a known answer: AdamW reaches its mean final loss (2.0) at step 20
+    # on average; SophiaG gets there at step 10 with seed 0 and 15 with seed 1.
+    curves = {("adamw", 0): [4.0, 3.0, 2.0], ("adamw", 1): [4.0, 3.0, 2.0],
+              ("sophiag", 0): [4.0, 2.0, 1.5], ("sophiag", 1): [4.0, 2.5, 1.5]}
+    best = sweep.best_settings()
+    assert best == {"adamw": (1e-3, None), "sophiag": (1e-3, 0.2)}
+    for (opt, seed), losses in curves.items():
+        r = sweep.results[Setting(opt, *best[opt], seed)]
+        r["evals"] = _evals(losses, hessian_every=10 if opt == "sophiag" else None)
+        r["final_val_loss"] = r["evals"][-1]["val_loss"]
+    a = analyse(sweep)
+    assert a["target"] == 2.0
+    sg = a["optimizers"]["sophiag"]
+    assert sg["final_mean"] == 1.5 and sg["vs_ref"]["diff"] == -0.5 and not sg["vs_ref"]["ranges_overlap"]
+    assert sg["reached"] == 2
+    # mean curve 4.0, 2.25, 1.5 reaches 2.0 a third of the way from step 10 to 20
+    assert sg["to_target"]["steps"]["mean_curve"] == pytest.approx(10 + 10 / 3)
+    assert sg["to_target"]["steps"]["speedup"] == pytest.approx(20 / (10 + 10 / 3))
+    assert sg["to_target"]["steps"]["speedup_seeds_max"] == pytest.approx(2.0)
+    assert sg["to_target"]["steps"]["speedup_seeds_min"] == pytest.approx(20 / 15)
+    assert a["optimizers"]["adamw"]["to_target"]["steps"]["speedup"] == 1.0
+    assert any(g["status"] == "diverged" and math.isinf(g["final_val_loss"]) for g in sg["grid"])
+
+
+def test_quick_sweep_writes_everything_and_never_redoes_a_run(tmp_path, capsys):
+    out = tmp_path / "cv"
+    assert main(["bench", "converge", "--quick", "--out-dir", str(out)]) == 0
+    first = capsys.readouterr()
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["analysis"]["optimizers"]) == {"adamw", "sophiag"}
+    for png in ("loss_vs_steps.png", "loss_vs_time.png", "loss_vs_lr.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    assert f"Command: `sophia bench converge --quick --out-dir {out}`" in report
+    assert "| AdamW |" in report and "| SophiaG |" in report and "Machine:" in report
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    # AdamW: 2 lrs + 1 more seed; SophiaG: 2 lrs + the other rho + 1 more seed
+    assert len(runs) == 7 and first.err.count("done ") == 7
+    stamp = {r: (out / "runs" / r / "result.json").stat().st_mtime_ns for r in runs}
+    assert main(["bench", "converge", "--quick", "--out-dir", str(out)]) == 0
+    again = capsys.readouterr()
+    assert "run " not in again.err  # every run was already finished
+    assert {r: (out / "runs" / r / "result.json").stat().st_mtime_ns for r in runs} == stamp
+    assert json.loads((out / "results.json").read_text())["analysis"] == result["analysis"]
+    # Other settings in the same folder are refused rather than mixed in.
+    assert main(["bench", "converge", "--quick", "--optimizers", "adamw,lion", "--out-dir", str(out)]) == 1
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_bad_lr_grid_is_refused(tmp_path, capsys):
+    assert main(["bench", "converge", "--lrs", "adamw", "--out-dir", str(tmp_path)]) == 1
+    assert "OPT=LR" in capsys.readouterr().err
+    assert main(["bench", "converge", "--optimizers", "adam", "--out-dir", str(tmp_path)]) == 1
+    assert "unknown optimizer" in capsys.readouterr().err
