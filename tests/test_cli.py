@@ -38,6 +38,11 @@ def test_bench_step_quick_writes_report_and_results(tmp_path, capsys):
     assert rows["AdamW fused"]["ratio_to_adamw_fused"] == 1.0
     assert {"SophiaG for-loop", "SophiaG foreach", "AdamW foreach"} <= set(rows)
     assert all(r["median_ms"] > 0 and r["floor_ms"] > 0 for r in rows.values())
+    # optimizer state, float32: two tensors per parameter for Sophia and AdamW, one for Lion
+    assert rows["SophiaG foreach"]["state_bytes_per_param"] == 8.0
+    assert rows["AdamW fused"]["state_bytes_per_param"] == 8.0
+    assert rows["Lion (pytorch-optimizer)"]["state_bytes_per_param"] == 4.0
+    assert rows["SophiaH (pytorch-optimizer)"]["state_bytes_per_param"] == 12.0
     assert result["machine"]["torch"] and result["stream_bandwidth_GBps"] > 0
     report = (tmp_path / "report.md").read_text()
     assert "Command:" in report and "| SophiaG for-loop |" in report

@@ -112,12 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--rounds", type=int, default=15)
     step.add_argument("--quick", action="store_true", help="a tiny parameter set, seconds")
     step.add_argument("--no-compiled", action="store_true", help="skip the compiled (fused) path")
+    step.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 
     ov = bench.add_parser("overhead", help="wall-clock cost of the Hessian estimate per training step")
     ov.add_argument("--out-dir", required=True)
     ov.add_argument("--presets", default="tiny,small", help="comma-separated (default tiny,small)")
     ov.add_argument("--steps", type=int, default=100, help="rounds; a multiple of 10 (default 100)")
     ov.add_argument("--quick", action="store_true", help="a one-layer tiny model, 20 rounds")
+    ovs = ov.add_argument_group("overrides of the presets' settings")
+    for flag, kind in (("--device", str), ("--dtype", str), ("--corpus", str), ("--tokenizer", str),
+                       ("--data-root", str), ("--batch-size", int), ("--grad-accum", int)):
+        ovs.add_argument(flag, type=kind, default=None)
+    ovs.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
 
     cv = bench.add_parser("converge", help="steps, compute and time to AdamW's loss, every optimizer tuned alike")
     cv.add_argument("--out-dir", required=True, help="the sweep's folder; a rerun continues it (finished runs kept)")
@@ -172,15 +178,17 @@ def main(argv: list[str] | None = None) -> int:
             from sophia.bench.step import main as step_main
 
             step_main(args.out_dir, args.preset, args.dtype, args.rounds, args.quick, not args.no_compiled,
-                      command=command)
+                      command=command, device=args.device)
             return 0
         if args.command == "bench" and args.bench == "overhead":
             if args.steps < 10 or args.steps % 10:
                 parser.error("--steps must be a positive multiple of 10")
             from sophia.bench.overhead import main as overhead_main
 
+            overrides = {k: getattr(args, k) for k in ("device", "dtype", "corpus", "tokenizer", "data_root",
+                                                       "batch_size", "grad_accum", "compile")}
             overhead_main(args.out_dir, [p for p in args.presets.split(",") if p], args.steps, args.quick,
-                          command=command)
+                          command=command, overrides=overrides)
             return 0
         if args.command == "bench" and args.bench == "converge":
             from sophia.bench.converge import main as converge_main

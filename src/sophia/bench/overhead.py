@@ -30,12 +30,20 @@ CONFIGS = (
 QUICK = {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 32, "batch_size": 4, "grad_accum": 1}
 
 
-def measure(preset: str, steps: int, out_dir: Path, quick: bool, seed: int = 0, log=print) -> dict:
+def _sync(trainer: Trainer) -> None:
+    if trainer.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(trainer.device)
+
+
+def measure(preset: str, steps: int, out_dir: Path, quick: bool, seed: int = 0, log=print,
+            overrides: dict | None = None) -> dict:
     trainers = []
     for label, optimizer, extra in CONFIGS:
-        overrides = {**(QUICK if quick else {}), **extra, "max_steps": steps, "progress": False,
-                     "eval_batches": 1, "seed": seed}
-        cfg = resolve_config(preset, optimizer, overrides)
+        settings = {**(QUICK if quick else {}), **(overrides or {}), **extra, "max_steps": steps,
+                    "progress": False, "eval_batches": 1, "seed": seed}
+        cfg = resolve_config(preset, optimizer, settings)
         cfg.out_dir = str(out_dir / "runs" / f"{preset}-{label.replace(' ', '').replace(',', '-').replace('/', '')}")
         trainer = Trainer(cfg, log=lambda m: None)
         trainer.setup()
@@ -46,8 +54,10 @@ def measure(preset: str, steps: int, out_dir: Path, quick: bool, seed: int = 0, 
         order = trainers[:]
         rng.shuffle(order)
         for label, trainer in order:
+            _sync(trainer)
             t = time.perf_counter()
-            trainer.train_step(i)
+            trainer.train_step(i)  # ends with loss.item(): the device has finished the step
+            _sync(trainer)
             times[label].append(time.perf_counter() - t)
         if (i + 1) % 10 == 0:
             log(f"{preset}: {i + 1}/{steps} rounds")
@@ -75,19 +85,22 @@ def measure(preset: str, steps: int, out_dir: Path, quick: bool, seed: int = 0, 
                      "tokens_per_step": c["tokens"] / max(1, c["step"])})
     first = trainers[0][1]
     return {"preset": preset, "steps": steps, "parameters": first.raw_model.num_parameters(), "rows": rows,
+            "device": str(first.device), "amp": str(first.amp_dtype), "compile": first.cfg.compile,
             "batch": f"{first.cfg.batch_size}x{first.cfg.block_size}x{first.cfg.grad_accum}"}
 
 
 def report(result: dict) -> str:
     m = result["machine"]
     lines = ["# Hessian-estimate overhead per training step", "", f"Command: `{result['command']}`", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads).", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, " + (f"{m['gpu']}, " if "gpu" in m else "")
+             + f"torch {m['torch']} ({m['torch_threads']} threads).", "",
              "Each round runs one step of every configuration, shuffled. Per step, amortised: the median "
              "plain step plus (median refresh step - median plain step) / k; the ratio is to AdamW's median "
              "step. The plain mean is shown too.", ""]
     for p in result["presets"]:
         lines += [f"## {p['preset']} ({p['parameters'] / 1e6:.2f}M parameters, batch {p['batch']}, "
-                  f"{p['steps']} steps)", "",
+                  f"{p['steps']} steps, {p.get('device', 'cpu')}, {p.get('amp', 'float32')}"
+                  + (", compiled" if p.get("compile") else "") + ")", "",
                   "| configuration | plain step ms | refresh step ms | per step, amortised | / AdamW | "
                   "mean ms | extra passes/step |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
@@ -102,13 +115,16 @@ def report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(out_dir: str, presets: list[str], steps: int, quick: bool, command: str = "sophia bench overhead") -> None:
+def main(out_dir: str, presets: list[str], steps: int, quick: bool, command: str = "sophia bench overhead",
+         overrides: dict | None = None) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if quick:
         presets, steps = ["tiny"], 20
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
     result = {"command": command, "machine": machine_info(),
-              "presets": [measure(p, steps, out, quick, log=lambda m: print(m, file=sys.stderr)) for p in presets]}
+              "presets": [measure(p, steps, out, quick, log=lambda m: print(m, file=sys.stderr), overrides=given)
+                          for p in presets]}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     text = report(result)
     (out / "report.md").write_text(text)

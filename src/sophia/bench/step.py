@@ -40,7 +40,10 @@ PRESETS = {
 }
 
 # Tensor streams each variant reads or writes per parameter element per step.
-STREAMS = {"sophiag": 6, "sophiah": 6, "adamw": 7, "lion": 5}
+STREAMS = {"sophiag": 6, "sophiah": 6, "adamw": 7, "lion": 5,
+           # pytorch-optimizer's SophiaH re-averages its last estimate into the EMA on every step:
+           # read p, g, m, h_ema, h; write p, m, h_ema
+           "po-sophiah": 8}
 
 
 @dataclass
@@ -49,33 +52,43 @@ class Variant:
     family: str
     step: Callable[[], None]
     bytes_per_step: int
+    state_bytes_per_param: float
 
 
-def _make_params(shapes, dtype, grads):
+def _make_params(shapes, dtype, grads, device):
     g = torch.Generator().manual_seed(0)
     params = []
     for s, grad in zip(shapes, grads):
-        p = torch.randn(s, generator=g).to(dtype).requires_grad_(True)
+        p = torch.randn(s, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
         p.grad = grad  # read-only for every optimizer: one copy shared by all variants
         params.append(p)
     return params
 
 
-def _variants(shapes, dtype, include_compiled: bool) -> list[Variant]:
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors an optimizer keeps per parameter (scalars such as a step count excluded)."""
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if torch.is_tensor(v) and v.dim() > 0)
+
+
+def _variants(shapes, dtype, include_compiled: bool, device: torch.device) -> list[Variant]:
     n = sum(torch.Size(s).numel() for s in shapes)
     elem = torch.empty((), dtype=dtype).element_size()
     out: list[Variant] = []
     g = torch.Generator().manual_seed(1)
-    grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    grads = [torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in shapes]
 
-    def add(name, family, opt_factory, step_fn=None):
-        params = _make_params(shapes, dtype, grads)
+    def add(name, family, opt_factory, step_fn=None, prime=None):
+        params = _make_params(shapes, dtype, grads, device)
         opt = opt_factory(params)
         if isinstance(opt, (SophiaG, SophiaH)):
             opt.step()  # create state, then give it a realistic Hessian EMA
             opt.update_hessian(bs=1000)
+        if prime is not None:
+            prime(opt, params)
         fn = step_fn(opt) if step_fn else opt.step
-        out.append(Variant(name, family, fn, STREAMS[family] * n * elem))
+        fn()  # every optimizer's state exists before its memory is counted
+        out.append(Variant(name, family, fn, STREAMS[family] * n * elem, _state_bytes(opt) / n))
 
     add("SophiaG for-loop", "sophiag", lambda ps: SophiaG(ps, lr=1e-4, foreach=False))
     add("SophiaG foreach", "sophiag", lambda ps: SophiaG(ps, lr=1e-4, foreach=True))
@@ -100,31 +113,49 @@ def _variants(shapes, dtype, include_compiled: bool) -> list[Variant]:
         add("Lion (pytorch-optimizer)", "lion", lambda ps: Lion(ps, lr=1e-4))
     except ImportError:
         pass
+    try:
+        from pytorch_optimizer import SophiaH as POSophiaH
+
+        # Its refresh differentiates the gradient; hand it one estimate instead, then time plain steps.
+        add("SophiaH (pytorch-optimizer)", "po-sophiah",
+            lambda ps: POSophiaH(ps, lr=1e-4, update_period=10 ** 9),
+            prime=lambda opt, ps: opt.step(hessian=[torch.rand_like(p) for p in ps]))
+    except ImportError:
+        pass
     return out
 
 
-def stream_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stream_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5, device: torch.device | None = None) -> float:
     """Best bytes per second of an in-place ``a += b`` over large tensors (3 streams).
 
     Optimizer steps are in-place updates too, so this is the matching probe: read a, read b,
     write a, with no write-allocate traffic.
     """
-    a = torch.ones(n_bytes // 4)
-    b = torch.ones(n_bytes // 4)
+    device = device or torch.device("cpu")
+    a = torch.ones(n_bytes // 4, device=device)
+    b = torch.ones(n_bytes // 4, device=device)
     a.add_(b)
     best = math.inf
     for _ in range(repeats):
+        _sync(device)
         t = time.perf_counter()
         a.add_(b)
+        _sync(device)
         best = min(best, time.perf_counter() - t)
     return 3 * n_bytes / best
 
 
 def run(preset: str = "30m", dtype: str = "float32", rounds: int = 15, warmup: int = 3,
-        include_compiled: bool = True, seed: int = 0) -> dict:
+        include_compiled: bool = True, seed: int = 0, device: str = "cpu") -> dict:
     shapes = gpt_like_shapes(**PRESETS[preset])
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    variants = _variants(shapes, torch_dtype, include_compiled)
+    dev = torch.device(device)
+    variants = _variants(shapes, torch_dtype, include_compiled, dev)
     for v in variants:  # compile, allocate, fault pages in
         v.step()
     times: dict[str, list[float]] = {v.name: [] for v in variants}
@@ -134,14 +165,16 @@ def run(preset: str = "30m", dtype: str = "float32", rounds: int = 15, warmup: i
         order = variants[:]
         rng.shuffle(order)
         for v in order:
+            _sync(dev)
             t = time.perf_counter()
             v.step()
+            _sync(dev)
             dt = time.perf_counter() - t
             if r >= warmup:
                 times[v.name].append(dt)
         if r >= warmup and r % 3 == 0:
-            bandwidths.append(stream_bandwidth(repeats=3))
-    bandwidth = max(bandwidths) if bandwidths else stream_bandwidth()
+            bandwidths.append(stream_bandwidth(repeats=3, device=dev))
+    bandwidth = max(bandwidths) if bandwidths else stream_bandwidth(device=dev)
     ref = statistics.median(times["AdamW fused"])
     rows = []
     for v in variants:
@@ -151,43 +184,53 @@ def run(preset: str = "30m", dtype: str = "float32", rounds: int = 15, warmup: i
                      "iqr_ms": (statistics.quantiles(times[v.name], n=4)[2]
                                 - statistics.quantiles(times[v.name], n=4)[0]) * 1e3,
                      "ratio_to_adamw_fused": med / ref, "floor_ms": floor * 1e3,
-                     "times_floor": med / floor, "bytes_per_step": v.bytes_per_step})
+                     "times_floor": med / floor, "bytes_per_step": v.bytes_per_step,
+                     "state_bytes_per_param": v.state_bytes_per_param})
     n = sum(torch.Size(s).numel() for s in shapes)
-    return {"preset": preset, "dtype": dtype, "parameters": n, "tensors": len(shapes),
+    machine = machine_info()
+    return {"preset": preset, "dtype": dtype, "device": str(dev), "parameters": n, "tensors": len(shapes),
             "rounds": rounds, "warmup": warmup, "stream_bandwidth_GBps": bandwidth / 1e9,
-            "machine": machine_info(), "rows": rows}
+            "machine": machine, "rows": rows}
+
+
+def _machine_line(result: dict) -> str:
+    m = result["machine"]
+    where = (f"{m['gpu']} (host {m['cpu']})" if result.get("device", "cpu").startswith("cuda")
+             else f"{m['cpu']}, {m['cores']} cores")
+    return f"Machine: {where}, torch {m['torch']} ({m['torch_threads']} threads), Python {m['python']}."
 
 
 def report(result: dict, command: str) -> str:
-    m = result["machine"]
     lines = [
         f"# Optimizer step cost: {result['preset']} ({result['parameters'] / 1e6:.1f}M parameters in "
-        f"{result['tensors']} tensors, {result['dtype']})", "",
+        f"{result['tensors']} tensors, {result['dtype']}, {result.get('device', 'cpu')})", "",
         f"Command: `{command}`", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"Python {m['python']}. Memory bandwidth measured in the same run (best in-place "
+        _machine_line(result) + " Memory bandwidth measured in the same run (best in-place "
         f"`a += b` over 256 MB tensors, 3 streams): {result['stream_bandwidth_GBps']:.1f} GB/s.", "",
         f"Medians over {result['rounds']} interleaved rounds after {result['warmup']} warm-up rounds.", "",
-        "| variant | median ms | IQR ms | / AdamW fused | byte floor ms | x floor |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | median ms | IQR ms | / AdamW fused | byte floor ms | x floor | state bytes/param |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(f"| {r['variant']} | {r['median_ms']:.2f} | {r['iqr_ms']:.2f} | "
-                     f"{r['ratio_to_adamw_fused']:.2f}x | {r['floor_ms']:.2f} | {r['times_floor']:.2f} |")
+                     f"{r['ratio_to_adamw_fused']:.2f}x | {r['floor_ms']:.2f} | {r['times_floor']:.2f} | "
+                     f"{r['state_bytes_per_param']:.1f} |")
     lines += ["", "Byte floor: streams per element (SophiaG/H 6: read p, g, m, h, write p, m; AdamW 7; "
-              "Lion 5) x element size x parameters / measured bandwidth.",
-              "Optimizer state per parameter: SophiaG/SophiaH 2 tensors (exp_avg, hessian), "
-              "AdamW 2 (exp_avg, exp_avg_sq), Lion 1."]
+              "Lion 5; pytorch-optimizer's SophiaH 8, since it folds its stored estimate into the EMA on every "
+              "step) x element size x parameters / measured bandwidth.",
+              "State bytes per parameter: the optimizer's tensor state, measured (SophiaG/SophiaH: exp_avg and "
+              "hessian; AdamW: exp_avg and exp_avg_sq; Lion: exp_avg; pytorch-optimizer's SophiaH also keeps "
+              "its last estimate)."]
     return "\n".join(lines) + "\n"
 
 
 def main(out_dir: str, preset: str, dtype: str, rounds: int, quick: bool, compiled: bool,
-         command: str = "sophia bench step") -> None:
+         command: str = "sophia bench step", device: str = "cpu") -> None:
     if quick:
         preset, rounds = "quick", 5
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = run(preset=preset, dtype=dtype, rounds=rounds, include_compiled=compiled)
+    result = run(preset=preset, dtype=dtype, rounds=rounds, include_compiled=compiled, device=device)
     result["command"] = command
     text = report(result, command)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
