@@ -115,8 +115,6 @@ def test_sampled_labels_on_cuda_follow_the_softmax():
     assert sampled.n == 200_000
 
 
-# AdaHessian is only run: at this size and budget it did not learn on CPU either (lr 0.05: 5.53 from 5.57;
-# lr 0.02 diverged), so "it learns" would test the setting, not the CUDA path.
 @pytest.mark.parametrize("optimizer,lr", [("adamw", None), ("sophiag", None), ("sophiah", None), ("lion", 1e-3),
                                           ("adahessian", None)])
 def test_harness_trains_on_cuda_with_bf16_autocast(tmp_path, optimizer, lr):
@@ -141,8 +139,7 @@ def test_harness_trains_on_cuda_with_bf16_autocast(tmp_path, optimizer, lr):
     assert events[0]["device"].startswith("cuda") and events[0]["config"]["dtype"] == "auto"
     first = next(e["val_loss"] for e in events if e["event"] == "eval")
     assert s["steps"] == 30 and math.isfinite(s["final_val_loss"])
-    if optimizer != "adahessian":
-        assert s["final_val_loss"] < first - 1.0  # it learns (the text is very repetitive)
+    assert s["final_val_loss"] < first - 1.0  # it learns (the text is very repetitive)
     if optimizer in ("sophiag", "sophiah", "adahessian"):
         assert s["hessian_passes"] > 0
     if optimizer.startswith("sophia"):  # G refreshes after steps 5, 10, ..., 30; H before steps 6, 11, ..., 26

@@ -169,3 +169,18 @@ def test_a_run_killed_before_its_first_periodic_checkpoint_can_resume(corpus, tm
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 1  # the step-0 checkpoint was replaced by the final one
     assert main(["train", "--out-dir", str(tmp_path / "run"), "--resume", "--max-steps", "2", "--no-progress"]) == 0
+
+
+def test_adahessian_survives_exactly_zero_hessian_estimates_under_bf16(tmp_path):
+    # bf16 autocast rounds some Hutchinson estimates to exactly 0; with pytorch-optimizer's default eps (1e-16)
+    # those coordinates stepped by m / 1e-16 and the run diverged at step 2. The preset uses the AdaHessian
+    # authors' eps = 1e-4.
+    fox = tmp_path / "fox.txt"
+    fox.write_text("the quick brown fox jumps over the lazy dog. " * 2000)
+    args = ["train", "--optimizer", "adahessian", "--max-steps", "12", "--out-dir", str(tmp_path / "run"),
+            "--corpus", str(fox), "--data-root", str(tmp_path / "data"), "--n-layer", "2", "--n-embd", "64",
+            "--n-head", "2", "--block-size", "64", "--batch-size", "16", "--warmup-steps", "5", "--eval-every", "12",
+            "--eval-batches", "2", "--hessian-interval", "5", "--dtype", "bfloat16", "--no-progress"]
+    assert main(args) == 0
+    evals = [e for e in read_metrics(tmp_path / "run") if e["event"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0

@@ -18,7 +18,9 @@ _CPU_OPTIMIZERS = {
     "sophiag": dict(lr=2e-3, min_lr=2e-4, weight_decay=0.2, beta1=0.965, beta2=0.99, rho=0.05),
     "sophiah": dict(lr=2e-3, min_lr=2e-4, weight_decay=0.2, beta1=0.965, beta2=0.99, rho=0.01),
     "lion": dict(lr=3e-4, min_lr=3e-5, weight_decay=1.0, beta1=0.95, beta2=0.98),
-    "adahessian": dict(lr=0.15, min_lr=0.015, weight_decay=0.0, beta1=0.9, beta2=0.999),
+    # eps 1e-4: the AdaHessian authors' default. pytorch-optimizer's (1e-16) lets a coordinate whose Hutchinson
+    # estimate is exactly zero take a step of m / 1e-16 (seen under bf16 autocast: weights of 1e11 after one step).
+    "adahessian": dict(lr=0.15, min_lr=0.015, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-4),
     "sgd": dict(lr=0.3, min_lr=0.03, weight_decay=0.0, beta1=0.9, beta2=0.0),
 }
 
@@ -36,7 +38,7 @@ def _gpt2(n_layer, n_head, n_embd, sophia_lr, rho, sophia_min_lr, adam_lr, adam_
             "sophiah": dict(lr=sophia_lr, min_lr=sophia_min_lr, weight_decay=0.2, beta1=0.965, beta2=0.99,
                             rho=0.01),
             "lion": dict(lr=lion_lr, min_lr=lion_lr / 10, weight_decay=1.0, beta1=0.95, beta2=0.98),
-            "adahessian": dict(lr=0.15, min_lr=0.015, weight_decay=0.0, beta1=0.9, beta2=0.999),
+            "adahessian": dict(lr=0.15, min_lr=0.015, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-4),
             "sgd": dict(lr=0.3, min_lr=0.03, weight_decay=0.0, beta1=0.9, beta2=0.0),
         },
     )
