@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     cv.add_argument("--data-root", default="data")
     cv.add_argument("--quick", action="store_true", help="a one-layer model, 20 steps, AdamW and SophiaG")
 
+    toy = bench.add_parser("toy", help="GD, Adam, SignGD, Newton and SophiaG on small problems with exact curvature")
+    toy.add_argument("--out-dir", required=True)
+    toy.add_argument("--quick", action="store_true", help="4 lrs, 150 steps: seconds")
+
     args = parser.parse_args(argv)
     command = "sophia " + shlex.join(sys.argv[1:] if argv is None else argv)  # what the reports record
     try:
@@ -197,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
                           steps=args.steps, seeds=args.seeds, lrs=_grids(args.lrs), rhos=_csv(args.rhos, float),
                           eval_every=args.eval_every, eval_batches=args.eval_batches, data_root=args.data_root,
                           jobs=args.jobs, quick=args.quick, command=command)
+            return 0
+        if args.command == "bench" and args.bench == "toy":
+            from sophia.bench.toy import main as toy_main
+
+            toy_main(args.out_dir, quick=args.quick, command=command)
             return 0
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
