@@ -493,3 +493,35 @@ def test_heterogeneous_curvature_sophia_needs_far_fewer_steps_than_tuned_adam():
     assert math.isfinite(adam) and adam >= 15, adam  # tuned Adam does converge, but slowly
     assert 3 * g <= adam, (g, adam)
     assert 3 * h <= adam, (h, adam)
+
+
+# -- cuda_graph: what can be checked without a GPU (tests/gpu checks the graph itself) -------------
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_cuda_graph_refuses_cpu_parameters_before_changing_anything(cls):
+    p = torch.nn.Parameter(torch.randn(4))
+    p.grad = torch.randn(4)
+    opt = cls([p], cuda_graph=True)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA parameters"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and len(opt.state) == 0
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(cuda_graph=1), "cuda_graph must be a bool"),
+                                          (dict(cuda_graph=True, foreach=True), "excludes foreach")])
+def test_cuda_graph_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SophiaG([torch.nn.Parameter(torch.randn(2))], **kwargs)
+
+
+def test_state_dict_saved_before_cuda_graph_existed_loads():
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    old = SophiaG([p], lr=0.01)
+    old.step()
+    sd = old.state_dict()
+    for g in sd["param_groups"]:
+        del g["cuda_graph"]
+    new = SophiaG([p])
+    new.load_state_dict(sd)
+    assert new.param_groups[0]["cuda_graph"] is False and new.param_groups[0]["lr"] == 0.01

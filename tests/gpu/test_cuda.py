@@ -4,6 +4,8 @@ with ``pytest tests/gpu`` (see benchmarks/gpu/check.sh)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 OPTIMIZERS = [SophiaG, SophiaH]
 IMPLS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "compiled": dict(fused=True),
-         "default": {}}
+         "cuda-graph": dict(cuda_graph=True), "default": {}}
 
 
 def _formula(p, g, m, h, lr, b1, rho, wd, eps):
@@ -35,9 +37,15 @@ def test_float64_on_cuda_matches_formula_on_cpu(cls, impl):
     opt = cls(params, lr=lr, betas=(b1, b2), rho=rho, weight_decay=wd, eps=eps, **extra, **IMPLS[impl])
     ref = [(c.clone(), torch.zeros_like(c), torch.zeros_like(c)) for c in cpu]
     for t in range(25):
+        lr = 0.01 * (1 + 0.5 * math.sin(t))  # a scheduler: a new lr every step
+        for group in opt.param_groups:
+            group["lr"] = lr
         grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
         for p, g in zip(params, grads):
-            p.grad = g.cuda()
+            if p.grad is None or t % 11 == 10:  # new gradient tensors now and then (they move)
+                p.grad = g.cuda()
+            else:
+                p.grad.copy_(g)  # in place, as after zero_grad(set_to_none=False)
         opt.step()
         ref = [(*_formula(rp, g, rm, rh, lr, b1, rho, wd, eps), rh) for (rp, rm, rh), g in zip(ref, grads)]
         if t % 5 == 4:
@@ -49,11 +57,14 @@ def test_float64_on_cuda_matches_formula_on_cpu(cls, impl):
         torch.testing.assert_close(opt.state[p]["hessian"].cpu(), rh, rtol=1e-10, atol=1e-12)
     if impl == "default":
         assert opt._implementation(opt.param_groups[0], params) == "foreach"
+    if impl == "cuda-graph":  # the graph was used, and re-captured after the gradients moved
+        graphed = next(iter(opt._graphs.values()))
+        assert graphed.replays >= 15 and graphed.moves == 2
 
 
 def test_float32_paths_agree_on_cuda():
     results = []
-    for impl in ("for-loop", "foreach", "compiled"):
+    for impl in ("for-loop", "foreach", "compiled", "cuda-graph"):
         gen = torch.Generator(device="cuda").manual_seed(3)
         params = [torch.randn(s, generator=gen, device="cuda").requires_grad_(True)
                   for s in [(256, 128), (128,), (1000,)]]
@@ -70,7 +81,17 @@ def test_float32_paths_agree_on_cuda():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["for-loop", "foreach", "compiled"])
+def test_cuda_graph_warns_once_when_gradients_keep_moving():
+    p = torch.nn.Parameter(torch.randn(1000, device="cuda"))
+    opt = SophiaG([p], lr=1e-2, cuda_graph=True)
+    with pytest.warns(RuntimeWarning, match="set_to_none=False"):
+        for _ in range(6):
+            p.grad = torch.randn(1000, device="cuda")  # a new tensor every step
+            opt.step()
+    assert next(iter(opt._graphs.values())).replays == 0
+
+
+@pytest.mark.parametrize("impl", ["for-loop", "foreach", "compiled", "cuda-graph"])
 def test_bf16_steps_follow_the_formula_on_cuda(impl):
     # bf16 trajectories of the paths drift apart by a few units in the last place (the loop rounds
     # after the decay and after the update, the compiled kernel once), so each step is checked against
@@ -80,7 +101,11 @@ def test_bf16_steps_follow_the_formula_on_cuda(impl):
     lr, wd, b1, rho = 1e-2, 0.1, 0.965, 0.04
     opt = SophiaG([p], lr=lr, weight_decay=wd, rho=rho, **IMPLS[impl])
     for t in range(12):
-        p.grad = torch.randn(4096, generator=gen, device="cuda").to(torch.bfloat16)
+        g = torch.randn(4096, generator=gen, device="cuda").to(torch.bfloat16)
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.copy_(g)  # in place, so that the cuda-graph path replays its graph
         st = opt.state.get(p, {})
         m0 = st["exp_avg"].double() if st else torch.zeros(4096, dtype=torch.float64, device="cuda")
         h0 = st["hessian"].double() if st else torch.zeros(4096, dtype=torch.float64, device="cuda")

@@ -94,6 +94,8 @@ def _variants(shapes, dtype, include_compiled: bool, device: torch.device) -> li
     add("SophiaG foreach", "sophiag", lambda ps: SophiaG(ps, lr=1e-4, foreach=True))
     if include_compiled:
         add("SophiaG fused (compiled)", "sophiag", lambda ps: SophiaG(ps, lr=1e-4, fused=True))
+    if include_compiled and device.type == "cuda":
+        add("SophiaG compiled + CUDA graph", "sophiag", lambda ps: SophiaG(ps, lr=1e-4, cuda_graph=True))
     add("SophiaH step (no refresh)", "sophiah",
         lambda ps: SophiaH(ps, lr=1e-4, update_period=10 ** 9))
     add("AdamW for-loop", "adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=False))

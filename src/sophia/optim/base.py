@@ -73,6 +73,10 @@ def validate_group(group: Mapping[str, Any], owner: str) -> None:
         raise ValueError(f"{owner}: maximize must be a bool, got {group['maximize']!r}")
     if group["foreach"] and group["fused"]:
         raise ValueError(f"{owner}: foreach=True and fused=True are exclusive; choose one")
+    if not isinstance(group["cuda_graph"], bool):
+        raise ValueError(f"{owner}: cuda_graph must be a bool, got {group['cuda_graph']!r}")
+    if group["cuda_graph"] and group["foreach"]:
+        raise ValueError(f"{owner}: cuda_graph=True replays the compiled update; it excludes foreach=True")
     for p in group["params"]:
         if not isinstance(p, Tensor):
             raise TypeError(f"{owner}: params must be tensors, got {type(p).__name__}")
@@ -90,6 +94,8 @@ class SophiaBase(Optimizer):
         self._hessian_updates = 0
         self._hessian_skipped = 0
         self._warned_nonfinite = False
+        self._graphs: dict[int, F.GraphedUpdate] = {}
+        self._warned_moves = False
         super().__init__(params, defaults)
 
     # -- construction and persistence -----------------------------------------------------
@@ -99,6 +105,8 @@ class SophiaBase(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_graphs", {})
+        self.__dict__.setdefault("_warned_moves", False)
         for group in self.param_groups:
             for key, value in self._group_setdefaults().items():
                 group.setdefault(key, value)
@@ -107,7 +115,7 @@ class SophiaBase(Optimizer):
                 s["step"] = torch.tensor(float(s["step"]), dtype=torch.float32)
 
     def _group_setdefaults(self) -> dict[str, Any]:
-        return {"eps": 1e-15, "maximize": False, "foreach": None, "fused": None}
+        return {"eps": 1e-15, "maximize": False, "foreach": None, "fused": None, "cuda_graph": False}
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -124,8 +132,11 @@ class SophiaBase(Optimizer):
                 "convert it first: opt.load_state_dict(sophia.convert_authors_state_dict(sd, bs=N))")
         state_dict = dict(state_dict)
         counters = state_dict.pop(_COUNTERS_KEY, {})
+        self._graphs.clear()  # new state tensors: captured graphs would write to the old ones
         super().load_state_dict(state_dict)
         for group in self.param_groups:
+            for key, value in self._group_setdefaults().items():  # dicts saved before a setting existed
+                group.setdefault(key, value)
             validate_group(group, type(self).__name__)
         self._hessian_updates = int(counters.get("hessian_updates", 0))
         self._hessian_skipped = int(counters.get("hessian_skipped", 0))
@@ -153,6 +164,10 @@ class SophiaBase(Optimizer):
         return out
 
     def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
+        if group["cuda_graph"]:
+            if not all(p.is_cuda for p in params):
+                raise ValueError(f"{type(self).__name__}: cuda_graph=True needs CUDA parameters")
+            return "cuda-graph"
         if group["fused"]:
             return "compiled"
         if group["foreach"] is None:
@@ -166,15 +181,23 @@ class SophiaBase(Optimizer):
     def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         if not params:
             return
+        implementation = self._implementation(group, params)  # may refuse: before any state changes
         states = [self._state_for(p) for p in params]
         torch._foreach_add_([s["step"] for s in states], 1.0)
         beta1, _ = group["betas"]
-        F.sophia_update(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states],
-            [s["hessian"] for s in states],
-            lr=_as_float("lr", group["lr"]), beta1=beta1, rho=group["rho"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-            implementation=self._implementation(group, params))
+        tensors = (params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["hessian"] for s in states])
+        settings = dict(lr=_as_float("lr", group["lr"]), beta1=beta1, rho=group["rho"],
+                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+        if implementation == "cuda-graph":
+            graphed = self._graphs.setdefault(id(group), F.GraphedUpdate())
+            graphed(*tensors, **settings)
+            if graphed.moves >= 3 and graphed.replays == 0 and not self._warned_moves:
+                self._warned_moves = True
+                warnings.warn(f"{type(self).__name__}(cuda_graph=True): the gradients move between steps, so "
+                              "the update runs without its CUDA graph; keep them in place with "
+                              "zero_grad(set_to_none=False)", RuntimeWarning, stacklevel=3)
+            return
+        F.sophia_update(*tensors, **settings, implementation=implementation)
 
     # -- the Hessian EMA ------------------------------------------------------------------
     def _all_params(self) -> list[Tensor]:

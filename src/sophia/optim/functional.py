@@ -120,6 +120,62 @@ def _compiled(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, e
         _compiled_fn(ps, gs, ms, hs, *scalars, maximize)
 
 
+class GraphedUpdate:
+    """The compiled update of one param group, captured in a CUDA graph and replayed.
+
+    A graph replays fixed memory addresses, so it is valid only while the parameters, their
+    gradients and the state keep their storage. The first step with a set of tensors runs the
+    compiled update directly (compiling it); a second step with the same addresses captures the
+    graph, and later ones replay it, with the hyperparameters written into a small device tensor
+    first (a scheduler may change lr every step). When the tensors move, e.g. gradients freed by
+    ``zero_grad(set_to_none=True)`` and allocated elsewhere, the update runs without the graph
+    until they stay put again.
+    """
+
+    def __init__(self) -> None:
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key: tuple | None = None
+        self.seen: tuple | None = None
+        self.scalars: list[Tensor] = []
+        self.moves = 0
+        self.replays = 0
+
+    def __call__(self, params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight_decay, eps,
+                 maximize) -> None:
+        values = [float(lr), 1 - float(beta1), float(rho), 1 - float(lr) * float(weight_decay), float(eps)]
+        key = (tuple(t.data_ptr() for t in params), tuple(t.data_ptr() for t in grads),
+               tuple(t.data_ptr() for t in exp_avgs), tuple(t.data_ptr() for t in hessians), bool(maximize))
+        if self.graph is not None and key == self.key:
+            self._write(values)
+            self.graph.replay()
+            self.replays += 1
+            return
+        if key != self.seen:  # new addresses: a plain compiled step (it also compiles and warms up)
+            if self.seen is not None:
+                self.moves += 1
+            self.seen, self.graph, self.key = key, None, None
+            _compiled(list(params), list(grads), list(exp_avgs), list(hessians), float(lr), float(beta1),
+                      float(rho), float(weight_decay), float(eps), bool(maximize))
+            return
+        buckets = list(_group_by_device_dtype(list(params), list(grads), list(exp_avgs), list(hessians)))
+        self.scalars = [torch.zeros(5, dtype=torch.float64 if ps[0].dtype == torch.float64 else torch.float32,
+                                    device=ps[0].device) for ps, *_ in buckets]
+        self._write(values)
+        device = params[0].device
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records the kernels; nothing runs until replay
+            for (ps, gs, ms, hs), sc in zip(buckets, self.scalars):
+                _compiled_fn(ps, gs, ms, hs, *sc.unbind(), bool(maximize))
+        self.graph, self.key = graph, key
+        graph.replay()
+        self.replays += 1
+
+    def _write(self, values: list[float]) -> None:
+        for sc in self.scalars:
+            sc.copy_(torch.tensor(values, dtype=sc.dtype))  # from pageable memory: staged before it returns
+
+
 def hessian_ema(hessians: Sequence[Tensor], estimates: Sequence[Tensor], beta2: float) -> None:
     """h = beta2 * h + (1 - beta2) * estimate, in place, for each pair."""
     for hs, es in _group_by_device_dtype(list(hessians), list(estimates)):

@@ -39,10 +39,14 @@ class SophiaG(SophiaBase):
         weight_decay: decoupled weight decay, multiplied by ``lr``.
         eps: floor of the denominator ``max(rho*h, eps)``.
         maximize: maximize the objective (negates the gradient in the momentum).
-        foreach: ``False`` selects the per-tensor loop; ``None`` or ``True`` the multi-tensor
-            (``torch._foreach_*``) path, the default.
+        foreach: ``True`` selects the multi-tensor (``torch._foreach_*``) path, ``False`` the
+            per-tensor loop; ``None`` (default): multi-tensor on CUDA, the loop on CPU (faster there).
         fused: ``True`` selects the compiled path (``torch.compile``; compiles on the first
             step, needs a C++ compiler on CPU or Triton on GPU).
+        cuda_graph: ``True`` (CUDA only) replays the compiled update from a captured CUDA graph,
+            which removes its Python and launch overhead. It needs the gradients and state at
+            fixed addresses from step to step (``zero_grad(set_to_none=False)``); while they
+            move, the plain compiled update runs, with a warning.
 
     Example:
         >>> import torch
@@ -75,9 +79,10 @@ class SophiaG(SophiaBase):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        cuda_graph: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps,
-                        maximize=maximize, foreach=foreach, fused=fused)
+                        maximize=maximize, foreach=foreach, fused=fused, cuda_graph=cuda_graph)
         super().__init__(params, defaults)
 
     @torch.no_grad()

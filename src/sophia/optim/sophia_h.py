@@ -46,7 +46,7 @@ class SophiaH(SophiaBase):
     On a refresh step that has neither, ``step()`` raises ``RuntimeError`` and changes nothing.
 
     Args:
-        params, lr, betas, rho, weight_decay, eps, maximize, foreach, fused: as in
+        params, lr, betas, rho, weight_decay, eps, maximize, foreach, fused, cuda_graph: as in
             :class:`~sophia.SophiaG`.
         update_period: k, the number of steps between Hessian refreshes.
         distribution: ``"rademacher"`` (default) or ``"gaussian"`` probes.
@@ -78,12 +78,13 @@ class SophiaH(SophiaBase):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        cuda_graph: bool = False,
         update_period: int = 10,
         distribution: str = "rademacher",
         generator: torch.Generator | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps,
-                        maximize=maximize, foreach=foreach, fused=fused,
+                        maximize=maximize, foreach=foreach, fused=fused, cuda_graph=cuda_graph,
                         update_period=update_period, distribution=distribution)
         self.generator = generator
         self._supplied: set[int] = set()
