@@ -144,3 +144,13 @@ def test_bad_lr_grid_is_refused(tmp_path, capsys):
     assert "OPT=LR" in capsys.readouterr().err
     assert main(["bench", "converge", "--optimizers", "adam", "--out-dir", str(tmp_path)]) == 1
     assert "unknown optimizer" in capsys.readouterr().err
+
+
+def test_a_diverged_seed_makes_the_mean_infinite_not_an_error():
+    spec = _spec(["adamw", "sophiag"], {"adamw": [1e-3, 2e-3], "sophiag": [1e-3, 2e-3]}, seeds=2, max_extend=0)
+    sweep = FakeSweep(spec, best_lr=1e-3)
+    sweep.plan()
+    best = sweep.best_settings()
+    sweep.results[Setting("sophiag", *best["sophiag"], 1)].update(final_val_loss=math.inf, status="diverged")
+    a = analyse(sweep)
+    assert math.isinf(a["optimizers"]["sophiag"]["final_mean"]) and "vs_ref" not in a["optimizers"]["sophiag"]

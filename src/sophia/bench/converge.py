@@ -234,6 +234,8 @@ def mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    if not all(math.isfinite(x) for x in xs):  # a diverged seed
+        return math.inf, math.nan
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
