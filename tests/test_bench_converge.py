@@ -71,8 +71,8 @@ def test_lr_grid_grows_at_the_edge_then_rho_then_seeds():
                   and s.lr == pytest.approx(3.2e-2))
     assert rhos == [0.01, 0.05, 0.2]  # the default (0.05) from the lr grid plus the other two
     seeds = {(s.optimizer, round(s.lr, 12), s.rho, s.seed) for s in sweep.executed if s.seed > 0}
-    assert seeds == {("adamw", 0.032, None, 1), ("adamw", 0.032, None, 2),
-                     ("sophiag", 0.032, 0.2, 1), ("sophiag", 0.032, 0.2, 2)}
+    # three fresh seeds at the chosen setting; seed 0 only chose it
+    assert seeds == {("adamw", 0.032, None, k) for k in (1, 2, 3)} | {("sophiag", 0.032, 0.2, k) for k in (1, 2, 3)}
     assert len(sweep.executed) == len(set(sweep.executed))  # nothing ran twice
     best = sweep.best_settings()
     assert best["adamw"] == (pytest.approx(0.032), None) and best["sophiag"] == (pytest.approx(0.032), 0.2)
@@ -82,7 +82,7 @@ def test_no_growth_when_the_best_lr_is_inside_the_grid():
     spec = _spec(["lion"], {"lion": [1e-3, 2e-3, 4e-3, 8e-3]}, seeds=2)
     sweep = FakeSweep(spec, best_lr=2e-3)
     sweep.plan()
-    assert sorted(s.lr for s in sweep.executed) == pytest.approx([1e-3, 2e-3, 2e-3, 4e-3, 8e-3])
+    assert sorted(s.lr for s in sweep.executed) == pytest.approx([1e-3, 2e-3, 2e-3, 2e-3, 4e-3, 8e-3])
 
 
 def test_a_diverged_run_loses_and_the_analysis_reports_speedups():
@@ -90,10 +90,10 @@ def test_a_diverged_run_loses_and_the_analysis_reports_speedups():
     sweep = FakeSweep(spec, best_lr=1e-3)
     sweep.plan()
     assert sweep.results[Setting("sophiag", 6.4e-2, 0.05, 0)]["status"] == "diverged"
-    # Replace the curves by ones with a known answer: AdamW reaches its mean final loss (2.0) at step 20
-    # on average; SophiaG gets there at step 10 with seed 0 and 15 with seed 1.
-    curves = {("adamw", 0): [4.0, 3.0, 2.0], ("adamw", 1): [4.0, 3.0, 2.0],
-              ("sophiag", 0): [4.0, 2.0, 1.5], ("sophiag", 1): [4.0, 2.5, 1.5]}
+    # Replace the curves of the fresh seeds by ones with a known answer: AdamW reaches its mean final loss
+    # (2.0) at step 20; SophiaG gets there at step 10 with seed 1 and 15 with seed 2.
+    curves = {("adamw", 1): [4.0, 3.0, 2.0], ("adamw", 2): [4.0, 3.0, 2.0],
+              ("sophiag", 1): [4.0, 2.0, 1.5], ("sophiag", 2): [4.0, 2.5, 1.5]}
     best = sweep.best_settings()
     assert best == {"adamw": (1e-3, None), "sophiag": (1e-3, 0.2)}
     for (opt, seed), losses in curves.items():
@@ -104,6 +104,7 @@ def test_a_diverged_run_loses_and_the_analysis_reports_speedups():
     assert a["target"] == 2.0
     sg = a["optimizers"]["sophiag"]
     assert sg["final_mean"] == 1.5 and sg["vs_ref"]["diff"] == -0.5 and not sg["vs_ref"]["ranges_overlap"]
+    assert sg["vs_ref"]["welch_t"] is None  # both spreads are 0: no t, rather than an infinite one
     assert sg["reached"] == 2
     # mean curve 4.0, 2.25, 1.5 reaches 2.0 a third of the way from step 10 to 20
     assert sg["to_target"]["steps"]["mean_curve"] == pytest.approx(10 + 10 / 3)
@@ -126,8 +127,8 @@ def test_quick_sweep_writes_everything_and_never_redoes_a_run(tmp_path, capsys):
     assert f"Command: `sophia bench converge --quick --out-dir {out}`" in report
     assert "| AdamW |" in report and "| SophiaG |" in report and "Machine:" in report
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    # AdamW: 2 lrs + 1 more seed; SophiaG: 2 lrs + the other rho + 1 more seed
-    assert len(runs) == 7 and first.err.count("done ") == 7
+    # AdamW: 2 lrs + 2 fresh seeds; SophiaG: 2 lrs + the other rho + 2 fresh seeds
+    assert len(runs) == 9 and first.err.count("done ") == 9
     stamp = {r: (out / "runs" / r / "result.json").stat().st_mtime_ns for r in runs}
     assert main(["bench", "converge", "--quick", "--out-dir", str(out)]) == 0
     again = capsys.readouterr()
@@ -151,6 +152,22 @@ def test_a_diverged_seed_makes_the_mean_infinite_not_an_error():
     sweep = FakeSweep(spec, best_lr=1e-3)
     sweep.plan()
     best = sweep.best_settings()
-    sweep.results[Setting("sophiag", *best["sophiag"], 1)].update(final_val_loss=math.inf, status="diverged")
+    # a diverged seed keeps the evaluations it made before diverging: shorter than the others
+    r = sweep.results[Setting("sophiag", *best["sophiag"], 1)]
+    r.update(final_val_loss=math.inf, status="diverged", evals=r["evals"][:1])
     a = analyse(sweep)
-    assert math.isinf(a["optimizers"]["sophiag"]["final_mean"]) and "vs_ref" not in a["optimizers"]["sophiag"]
+    sg = a["optimizers"]["sophiag"]
+    assert math.isinf(sg["final_mean"]) and "vs_ref" not in sg and sg["diverged_seeds"] == 1
+    assert sg["reached"] == 0 and all(t["mean_curve"] is None for t in sg["to_target"].values())
+    from sophia.bench.converge import report
+
+    text = report({"spec": sweep.spec, "analysis": a, "command": "x",
+                   "machine": {"cpu": "c", "cores": 2, "torch": "t"}})
+    assert "| SophiaG |" in text and "diverged" in text
+
+
+def test_duplicate_grid_values_are_run_once():
+    spec = _spec(["adamw", "sophiag"], {"adamw": [1e-3, 0.001, 2e-3], "sophiag": [1e-3, 2e-3]}, seeds=1)
+    assert spec["lrs"]["adamw"] == [1e-3, 2e-3]
+    spec = build_spec("tiny", ["sophiag"], 20, 1, None, [0.05, 0.05, 0.2], 5, 2, "data", 2, quick=True)
+    assert spec["rhos"] == [0.05, 0.2]

@@ -507,6 +507,17 @@ def test_cuda_graph_refuses_cpu_parameters_before_changing_anything(cls):
     assert torch.equal(p.detach(), before) and len(opt.state) == 0
 
 
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_cuda_graph_in_a_later_group_refuses_before_the_first_group_moves(cls):
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    a.grad, b.grad = torch.randn(4), torch.randn(4)
+    opt = cls([{"params": [a]}, {"params": [b], "cuda_graph": True}])
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match="needs CUDA parameters"):
+        opt.step()
+    assert torch.equal(a.detach(), before) and len(opt.state) == 0
+
+
 @pytest.mark.parametrize("kwargs,match", [(dict(cuda_graph=1), "cuda_graph must be a bool"),
                                           (dict(cuda_graph=True, foreach=True), "excludes foreach")])
 def test_cuda_graph_bad_settings(kwargs, match):

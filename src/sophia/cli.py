@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     toy = bench.add_parser("toy", help="GD, Adam, SignGD, Newton and SophiaG on small problems with exact curvature")
     toy.add_argument("--out-dir", required=True)
-    toy.add_argument("--quick", action="store_true", help="4 lrs, 150 steps: seconds")
+    toy.add_argument("--quick", action="store_true", help="4 lrs, at most 100 steps: seconds")
 
     args = parser.parse_args(argv)
     command = "sophia " + shlex.join(sys.argv[1:] if argv is None else argv)  # what the reports record

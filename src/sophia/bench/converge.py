@@ -6,7 +6,9 @@ Every optimizer gets the same tuning procedure on the same preset, token budget 
 1. an lr grid (log-spaced, factor 2) at seed 0; while the best lr sits at an edge of the grid,
    the grid grows by one point on that side (at most ``max_extend`` times);
 2. for Sophia only, a rho grid at its best lr (the issue's "and a rho grid for Sophia");
-3. the best setting again at seeds 1 .. seeds-1.
+3. the best setting again at ``seeds`` fresh seeds (1 .. seeds); seed 0, which chose the setting,
+   is left out of the comparison so that the optimizer with more settings to choose from gains
+   nothing from a lucky tuning seed.
 
 Each run is ``sophia train`` in its own process with one thread, ``jobs`` at a time. A run
 whose ``result.json`` exists is never redone; an interrupted one resumes from its checkpoint.
@@ -73,6 +75,7 @@ class Sweep:
         self.out, self.spec, self.jobs, self.log = out, spec, jobs, log
         self.runs_dir = out / "runs"
         self.results: dict[Setting, dict[str, Any]] = {}
+        self.chosen: dict[str, tuple[float, float | None]] = {}  # the pipeline's choice per optimizer
         self._lock = threading.Lock()
 
     # -- one run ------------------------------------------------------------------------------
@@ -83,7 +86,7 @@ class Sweep:
         spec = self.spec
         cmd = [sys.executable, "-m", "sophia", "train", "--out-dir", str(self.run_dir(s)), "--no-progress"]
         if resume:
-            return cmd + ["--resume"]
+            return cmd + ["--resume", "--data-root", spec["data_root"]]
         cmd += ["--preset", spec["preset"], "--optimizer", s.optimizer, "--lr", repr(s.lr),
                 "--min-lr", repr(s.lr / 10), "--seed", str(s.seed), "--max-steps", str(spec["steps"]),
                 "--eval-every", str(spec["eval_every"]), "--eval-batches", str(spec["eval_batches"]),
@@ -106,13 +109,14 @@ class Sweep:
         self.log(f"run {s.name}" + (" (resuming)" if resume else ""))
         with open(d / "log.txt", "a") as logf:
             proc = subprocess.run(self.command(s, resume), stdout=logf, stderr=subprocess.STDOUT, env=env)
-        text = (d / "log.txt").read_text()
-        if proc.returncode != 0 and "diverged" not in text:
-            tail = text.strip().splitlines()[-1:] or ["(no output)"]
+        events = read_metrics(d) if (d / "metrics.jsonl").exists() else []
+        diverged = any(e.get("event") == "diverged" for e in events)
+        if proc.returncode != 0 and not diverged:
+            tail = (d / "log.txt").read_text().strip().splitlines()[-1:] or ["(no output)"]
             raise TrainError(f"run {s.name} failed (exit {proc.returncode}): {tail[0]}; log: {d / 'log.txt'}")
-        events = read_metrics(d)
         evals = [e for e in events if e.get("event") == "eval"]
-        diverged = proc.returncode != 0
+        # a loss that turns non-finite only at the last evaluation is a divergence too
+        diverged = diverged or not evals or not math.isfinite(evals[-1]["val_loss"])
         result = {"optimizer": s.optimizer, "lr": s.lr, "rho": s.rho, "seed": s.seed,
                   "status": "diverged" if diverged else "ok",
                   "final_val_loss": math.inf if diverged else evals[-1]["val_loss"],
@@ -135,7 +139,6 @@ class Sweep:
             def submit(s: Setting) -> None:
                 pending[pool.submit(self.execute, s)] = s
 
-            # Start the costlier optimizers first so that the pool stays full near the end.
             for opt in spec["optimizers"]:
                 rho = spec["default_rho"][opt] if is_sophia(opt) else None
                 lrs = sorted(spec["lrs"][opt])
@@ -187,7 +190,8 @@ class Sweep:
             st["rho"] = min([st["rho"], *spec["rhos"]], key=lambda r: self._score(opt, best_lr, r))
         if st["phase"] in ("lr", "rho"):
             st["phase"] = "seeds"
-            seeds = list(range(1, spec["seeds"]))
+            self.chosen[opt] = (st["best_lr"], st["rho"])
+            seeds = list(range(1, spec["seeds"] + 1))
             st["open"] = len(seeds)
             if seeds:
                 return [Setting(opt, st["best_lr"], st["rho"], seed) for seed in seeds]
@@ -195,13 +199,8 @@ class Sweep:
         return []
 
     def best_settings(self) -> dict[str, tuple[float, float | None]]:
-        """Per optimizer, the seed-0 setting with the lowest final loss (lr, then rho)."""
-        best = {}
-        for opt in self.spec["optimizers"]:
-            cands = [s for s in self.results if s.optimizer == opt and s.seed == 0]
-            s = min(cands, key=lambda c: (self.results[c]["final_val_loss"], c.lr))
-            best[opt] = (s.lr, s.rho)
-        return best
+        """Per optimizer, the setting the tuning chose (and ran at the fresh seeds)."""
+        return dict(self.chosen)
 
 
 # -- analysis --------------------------------------------------------------------------------------
@@ -245,13 +244,14 @@ def analyse(sweep: Sweep) -> dict[str, Any]:
     per_opt: dict[str, dict[str, Any]] = {}
     for opt in spec["optimizers"]:
         lr, rho = best[opt]
-        runs = [results[Setting(opt, lr, rho, seed)] for seed in range(spec["seeds"])]
+        runs = [results[Setting(opt, lr, rho, seed)] for seed in range(1, spec["seeds"] + 1)]
         finals = [r["final_val_loss"] for r in runs]
         grid = sorted(({"lr": s.lr, "rho": s.rho, "final_val_loss": r["final_val_loss"], "status": r["status"]}
                        for s, r in results.items() if s.optimizer == opt and s.seed == 0),
                       key=lambda g: (g["rho"] or 0, g["lr"]))
         mean, sd = _mean_sd(finals)
-        per_opt[opt] = {"best_lr": lr, "best_rho": rho, "finals": finals, "final_mean": mean, "final_sd": sd,
+        per_opt[opt] = {"diverged_seeds": sum(not math.isfinite(f) for f in finals),
+                        "best_lr": lr, "best_rho": rho, "finals": finals, "final_mean": mean, "final_sd": sd,
                         "final_min": min(finals), "final_max": max(finals), "grid": grid, "runs": runs,
                         "tuning_runs": len(grid)}
     ref_name = "adamw" if "adamw" in per_opt else spec["optimizers"][0]
@@ -261,15 +261,16 @@ def analyse(sweep: Sweep) -> dict[str, Any]:
     # The reference's own mean curve reaches the target at its last evaluation: its budget.
     ref_cross = crossing(mean_curve(ref["runs"]), target) if math.isfinite(target) else None
     for opt, d in per_opt.items():
-        mc = crossing(mean_curve(d["runs"]), target) if ref_cross else None
-        seeds = [crossing(r["evals"], target) for r in d["runs"]] if ref_cross else [None] * len(d["runs"])
+        usable = ref_cross is not None and d["diverged_seeds"] == 0  # a diverged seed: no time-to-target
+        mc = crossing(mean_curve(d["runs"]), target) if usable else None
+        seeds = [crossing(r["evals"], target) for r in d["runs"]] if usable else [None] * len(d["runs"])
         d["reached"] = sum(c is not None for c in seeds)
         d["to_target"] = {}
         for key in keys:
             t = {"mean_curve": mc[key] if mc else None, "per_seed": [c[key] if c else None for c in seeds]}
-            if mc:
+            if mc and mc[key] > 0:
                 t["speedup"] = ref_cross[key] / mc[key]
-                per = [ref_cross[key] / c[key] for c in seeds if c]
+                per = [ref_cross[key] / c[key] for c in seeds if c and c[key] > 0]
                 if per:
                     t["speedup_seeds_min"], t["speedup_seeds_max"] = min(per), max(per)
             d["to_target"][key] = t
@@ -277,7 +278,7 @@ def analyse(sweep: Sweep) -> dict[str, Any]:
         if opt != ref_name and math.isfinite(d["final_mean"]):
             diff = d["final_mean"] - ref["final_mean"]
             se = math.sqrt(d["final_sd"] ** 2 / len(d["finals"]) + ref["final_sd"] ** 2 / len(ref["finals"]))
-            d["vs_ref"] = {"diff": diff, "welch_t": diff / se if se > 0 else math.copysign(math.inf, diff),
+            d["vs_ref"] = {"diff": diff, "welch_t": diff / se if se > 0 else None,
                            "ranges_overlap": not (d["final_min"] > ref["final_max"]
                                                   or d["final_max"] < ref["final_min"])}
     return {"target": target, "reference": ref_name, "optimizers": per_opt}
@@ -310,7 +311,8 @@ def plot(analysis: dict[str, Any], out: Path, title: str) -> list[str]:
             xs, mean, lo, hi = _band(d["runs"], key)
             line, = ax.plot(xs, mean, label=f"{NAMES.get(opt, opt)} (lr {d['best_lr']:g})")
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
-        ax.axhline(analysis["target"], color="grey", ls=":", lw=1, label="AdamW final (mean)")
+        ref = NAMES.get(analysis["reference"], analysis["reference"])
+        ax.axhline(analysis["target"], color="grey", ls=":", lw=1, label=f"{ref} final (mean)")
         finals = [d["final_mean"] for d in analysis["optimizers"].values() if math.isfinite(d["final_mean"])]
         if finals:
             ax.set_ylim(min(finals) - 0.1, max(finals) + 0.9)
@@ -353,6 +355,7 @@ def _fmt(x: float | None, spec: str) -> str:
 def report(result: dict[str, Any]) -> str:
     spec, a, m = result["spec"], result["analysis"], result["machine"]
     opts = a["optimizers"]
+    ref = NAMES.get(a["reference"], a["reference"])
     tokens = spec["steps"] * spec["tokens_per_step"]
     lines = [
         f"# Convergence: {', '.join(NAMES.get(o, o) for o in opts)} on `{spec['preset']}`, tuned alike", "",
@@ -365,10 +368,11 @@ def report(result: dict[str, Any]) -> str:
         f"validation loss on {spec['eval_batches']} fixed batches every {spec['eval_every']} steps.", "",
         f"Tuning, the same for every optimizer: lr grid factor 2 apart at seed 0, grown by one point while "
         f"the best sat at an edge (at most {spec['max_extend']} times); Sophia also a rho grid "
-        f"({', '.join(f'{r:g}' for r in spec['rhos'])}) at its best lr; then the best setting at "
-        f"{spec['seeds']} seeds (model init and data order).", "",
-        "## Final validation loss at the best setting", "",
-        "| optimizer | best lr | rho | tuning runs | final loss mean | sd | min-max | vs AdamW | Welch t | "
+        f"({', '.join(f'{r:g}' for r in spec['rhos'])}) at its best lr; then the chosen setting at "
+        f"{spec['seeds']} fresh seeds (1 to {spec['seeds']}: model init and data order). Seed 0, which chose "
+        "the setting, is not among them: every number below comes from the fresh seeds.", "",
+        "## Final validation loss at the chosen setting", "",
+        f"| optimizer | best lr | rho | tuning runs | final loss mean | sd | min-max | vs {ref} | Welch t | "
         "ranges overlap |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for opt, d in opts.items():
@@ -377,11 +381,12 @@ def report(result: dict[str, Any]) -> str:
             f"| {NAMES.get(opt, opt)} | {d['best_lr']:g} | {_rho(d['best_rho'])} | {d['tuning_runs']} | "
             f"{_fmt(d['final_mean'], '.4f')} | {d['final_sd']:.4f} | "
             f"{_fmt(d['final_min'], '.3f')}-{_fmt(d['final_max'], '.3f')} | "
-            + (f"{vs['diff']:+.4f} | {vs['welch_t']:+.1f} | {'yes' if vs['ranges_overlap'] else 'no'} |"
+            + (f"{vs['diff']:+.4f} | {_fmt(vs['welch_t'], '+.1f') if vs['welch_t'] is not None else 'n/a'} | "
+               f"{'yes' if vs['ranges_overlap'] else 'no'} |"
                if vs else "| | |"))
-    lines += ["", f"## To AdamW's final loss ({a['target']:.4f}, the mean over its seeds)", "",
+    lines += ["", f"## To {ref}'s final loss ({a['target']:.4f}, the mean over its seeds)", "",
               "Where each optimizer's mean curve (over seeds) first reaches that loss, interpolated between "
-              "evaluations; passes are forward/backward pairs, Hessian estimates included. Speedup = AdamW's "
+              f"evaluations; passes are forward/backward pairs, Hessian estimates included. Speedup = {ref}'s "
               "value / the optimizer's; in brackets the range over single seeds (seeds that reached it).", "",
               "| optimizer | seeds reaching | steps | speedup (steps) | tokens | passes | speedup (passes) | "
               "wall-clock s | speedup (time) |",
@@ -399,8 +404,9 @@ def report(result: dict[str, Any]) -> str:
                      f"{_fmt(t['steps']['mean_curve'], '.0f')} | {sp(t['steps'])} | "
                      f"{_fmt(t['tokens']['mean_curve'], ',.0f')} | {_fmt(t['passes']['mean_curve'], '.0f')} | "
                      f"{sp(t['passes'])} | {_fmt(t['elapsed']['mean_curve'], '.0f')} | {sp(t['elapsed'])} |")
-    lines += ["", "A seed counts as reaching the target when its own curve gets there within the budget (AdamW's "
-              "seeds above their mean do not, by construction).", "", "## lr sensitivity (seed 0)", "",
+    lines += ["", f"A seed counts as reaching the target when its own curve gets there within the budget (so some of "
+              f"{ref}'s own seeds do not). No time-to-target is given for an optimizer with a diverged seed.", "",
+              "## lr sensitivity (seed 0, the tuning runs)", "",
               "| optimizer | rho | " + "lr: final loss |", "|---|---:|---|"]
     for opt, d in opts.items():
         for rho in sorted({g["rho"] for g in d["grid"]}, key=lambda r: r or 0):
@@ -427,11 +433,12 @@ def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: 
         grid = (lrs or {}).get(opt) or list(DEFAULT_LRS[opt])
         if len(grid) < 2 and not quick:
             raise TrainError(f"the lr grid of {opt} needs at least 2 values")
-        grids[opt] = [float(x) for x in grid]
+        grids[opt] = sorted({float(f"{float(x):.6g}") for x in grid})  # no two runs in one folder
         if is_sophia(opt):
             default_rho[opt] = cfg.rho
     return {"preset": preset, "optimizers": optimizers, "steps": steps, "seeds": seeds, "lrs": grids,
-            "rhos": [float(r) for r in rhos], "default_rho": default_rho, "eval_every": eval_every,
+            "rhos": sorted({float(f"{float(r):.6g}") for r in rhos}), "default_rho": default_rho,
+            "eval_every": eval_every,
             "eval_batches": eval_batches, "checkpoint_every": max(eval_every, steps // 4),
             "warmup_steps": warmup_steps, "tokens_per_step": tokens_per_step, "model": model,
             "data_root": data_root, "jobs": jobs, "max_extend": max_extend}

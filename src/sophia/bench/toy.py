@@ -3,7 +3,7 @@
 Three full-batch problems in float64, each with its exact gradient and curvature:
 
 * ``2d``: L(x, y) = 25 log cosh(x - 1) + 0.005 (y + 1)^2. The curvatures at the minimum differ
-  10^4-fold, and the sharp one (log cosh) flattens away from it, where pure Newton overshoots;
+  2,500-fold, and the sharp one (log cosh) flattens away from it, where pure Newton overshoots;
 * ``logistic``: L2-regularised logistic regression on generated features whose scales span three
   orders of magnitude (convex; the Gauss-Newton diagonal is its exact Hessian diagonal);
 * ``mlp``: a one-hidden-layer tanh network fitted to a teacher of the same shape (non-convex,
@@ -153,7 +153,8 @@ def run_method(problem: Problem, method: str, lr: float, steps: int) -> dict[str
         f = float(problem.loss(theta))
         path.append(theta.clone())
         losses.append(f)
-        if not math.isfinite(f) or f > 1e12:
+        if not math.isfinite(f) or f > 1e12:  # diverged
+            losses[-1] = math.inf
             break
         if reached is None and f - problem.f_star <= problem.tol:
             reached = t
@@ -252,7 +253,7 @@ def report(result: dict[str, Any]) -> str:
     for res in result["problems"]:
         lines += [f"## {res['problem']}: {res['description']}", "",
                   f"Tolerance: loss - minimum <= {res['tol']:.3g} (minimum {res['f_star']:.6g}).", "",
-                  "| method | best lr | steps to tolerance | loss - minimum at the end |", "|---|---:|---:|---:|"]
+                  "| method | best lr | steps to tolerance | loss - minimum where it stopped |", "|---|---:|---:|---:|"]
         for method, r in res["best"].items():
             steps = r["steps_to_tol"] if r["steps_to_tol"] is not None else f"not in {res['steps']}"
             gap = r["final_gap"]

@@ -178,6 +178,11 @@ class SophiaBase(Optimizer):
         return "foreach" if group["foreach"] else "for-loop"
 
     # -- the update -----------------------------------------------------------------------
+    def _check_groups(self) -> None:
+        """Refuse an impossible setting in any group before the step changes anything."""
+        for group in self.param_groups:
+            self._implementation(group, self._params_with_grad(group))
+
     def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         if not params:
             return
@@ -191,6 +196,10 @@ class SophiaBase(Optimizer):
         if implementation == "cuda-graph":
             graphed = self._graphs.setdefault(id(group), F.GraphedUpdate())
             graphed(*tensors, **settings)
+            if graphed.error is not None and not self._warned_moves:
+                self._warned_moves = True
+                warnings.warn(f"{type(self).__name__}(cuda_graph=True): capturing the update failed ({graphed.error}); "
+                              "it runs without a graph", RuntimeWarning, stacklevel=3)
             if graphed.moves >= 3 and graphed.replays == 0 and not self._warned_moves:
                 self._warned_moves = True
                 warnings.warn(f"{type(self).__name__}(cuda_graph=True): the gradients move between steps, so "

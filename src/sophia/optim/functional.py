@@ -139,18 +139,24 @@ class GraphedUpdate:
         self.scalars: list[Tensor] = []
         self.moves = 0
         self.replays = 0
+        self.failed: tuple | None = None  # tensors whose capture failed: plain compiled steps for them
+        self.error: str | None = None
 
     def __call__(self, params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight_decay, eps,
                  maximize) -> None:
         values = [float(lr), 1 - float(beta1), float(rho), 1 - float(lr) * float(weight_decay), float(eps)]
         key = (tuple(t.data_ptr() for t in params), tuple(t.data_ptr() for t in grads),
                tuple(t.data_ptr() for t in exp_avgs), tuple(t.data_ptr() for t in hessians), bool(maximize))
+        device = params[0].device
         if self.graph is not None and key == self.key:
             self._write(values)
-            self.graph.replay()
+            with torch.cuda.device(device):
+                self.graph.replay()
             self.replays += 1
             return
-        if key != self.seen:  # new addresses: a plain compiled step (it also compiles and warms up)
+        one_device = all(t.device == device for t in params)
+        if key != self.seen or key == self.failed or not one_device:
+            # new addresses: a plain compiled step (it also compiles and warms up)
             if self.seen is not None:
                 self.moves += 1
             self.seen, self.graph, self.key = key, None, None
@@ -159,16 +165,25 @@ class GraphedUpdate:
             return
         buckets = list(_group_by_device_dtype(list(params), list(grads), list(exp_avgs), list(hessians)))
         self.scalars = [torch.zeros(5, dtype=torch.float64 if ps[0].dtype == torch.float64 else torch.float32,
-                                    device=ps[0].device) for ps, *_ in buckets]
+                                    device=device) for ps, *_ in buckets]
         self._write(values)
-        device = params[0].device
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records the kernels; nothing runs until replay
-            for (ps, gs, ms, hs), sc in zip(buckets, self.scalars):
-                _compiled_fn(ps, gs, ms, hs, *sc.unbind(), bool(maximize))
+        try:
+            with torch.cuda.device(device):
+                torch.cuda.synchronize(device)
+                graph = torch.cuda.CUDAGraph()
+                # a stream of the parameters' device; thread_local: other threads' CUDA calls are not the capture's
+                with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
+                    for (ps, gs, ms, hs), sc in zip(buckets, self.scalars):
+                        _compiled_fn(ps, gs, ms, hs, *sc.unbind(), bool(maximize))  # recorded, not run
+        except Exception as e:  # nothing ran during the capture: take this step without a graph
+            self.failed, self.graph, self.key = key, None, None
+            self.error = f"{type(e).__name__}: {e}"
+            _compiled(list(params), list(grads), list(exp_avgs), list(hessians), float(lr), float(beta1),
+                      float(rho), float(weight_decay), float(eps), bool(maximize))
+            return
         self.graph, self.key = graph, key
-        graph.replay()
+        with torch.cuda.device(device):
+            graph.replay()
         self.replays += 1
 
     def _write(self, values: list[float]) -> None:

@@ -92,6 +92,7 @@ class SophiaG(SophiaBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_groups()
         for group in self.param_groups:
             self._update_group(group, self._params_with_grad(group))
         return loss
