@@ -171,3 +171,21 @@ def test_duplicate_grid_values_are_run_once():
     assert spec["lrs"]["adamw"] == [1e-3, 2e-3]
     spec = build_spec("tiny", ["sophiag"], 20, 1, None, [0.05, 0.05, 0.2], 5, 2, "data", 2, quick=True)
     assert spec["rhos"] == [0.05, 0.2]
+
+
+def test_the_other_way_round_where_adamw_reaches_a_slower_optimizers_loss():
+    spec = _spec(["adamw", "sophiag"], {"adamw": [1e-3, 2e-3], "sophiag": [1e-3, 2e-3]}, seeds=2, max_extend=0)
+    sweep = FakeSweep(spec, best_lr=1e-3)
+    sweep.plan()
+    best = sweep.best_settings()
+    curves = {("adamw", 1): [4.0, 3.0, 2.0], ("adamw", 2): [4.0, 3.0, 2.0],
+              ("sophiag", 1): [4.0, 3.5, 3.0], ("sophiag", 2): [4.0, 3.5, 3.0]}
+    for (opt, seed), losses in curves.items():
+        r = sweep.results[Setting(opt, *best[opt], seed)]
+        r["evals"] = _evals(losses, hessian_every=10 if opt == "sophiag" else None)
+        r["final_val_loss"] = losses[-1]
+    sg = analyse(sweep)["optimizers"]["sophiag"]
+    assert sg["reached"] == 0
+    other = sg["reference_to_this_loss"]
+    assert other["steps"]["reference"] == 10 and other["steps"]["ratio"] == 0.5  # AdamW: 10 of SophiaG's 20
+    assert other["passes"]["ratio"] == pytest.approx(10 / (20 + 2))  # SophiaG's passes include 2 estimates

@@ -274,6 +274,16 @@ def analyse(sweep: Sweep) -> dict[str, Any]:
                 if per:
                     t["speedup_seeds_min"], t["speedup_seeds_max"] = min(per), max(per)
             d["to_target"][key] = t
+        # The other way round: where the reference's mean curve reaches this optimizer's final loss, as a
+        # fraction of this optimizer's whole budget (below 1: the reference needs less).
+        if opt != ref_name and ref_cross is not None and math.isfinite(d["final_mean"]):
+            rc = crossing(mean_curve(ref["runs"]), d["final_mean"])
+            end = mean_curve(d["runs"])[-1]
+            spent = {"steps": end["step"], "tokens": end["tokens"], "elapsed": end["elapsed"],
+                     "passes": end["train_passes"] + end["hessian_passes"]}
+            d["reference_to_this_loss"] = (
+                {key: {"reference": rc[key], "ratio": rc[key] / spent[key] if spent[key] > 0 else None}
+                 for key in keys} if rc else None)
         # Against the reference over seeds: Welch's t and whether the seed ranges overlap.
         if opt != ref_name and math.isfinite(d["final_mean"]):
             diff = d["final_mean"] - ref["final_mean"]
@@ -404,6 +414,22 @@ def report(result: dict[str, Any]) -> str:
                      f"{_fmt(t['steps']['mean_curve'], '.0f')} | {sp(t['steps'])} | "
                      f"{_fmt(t['tokens']['mean_curve'], ',.0f')} | {_fmt(t['passes']['mean_curve'], '.0f')} | "
                      f"{sp(t['passes'])} | {_fmt(t['elapsed']['mean_curve'], '.0f')} | {sp(t['elapsed'])} |")
+    others = [(opt, d) for opt, d in opts.items() if "reference_to_this_loss" in d]
+    if others:
+        lines += ["", f"## The other way round: where {ref} reaches each optimizer's final loss", "",
+                  f"{ref}'s mean curve against each optimizer's mean final loss. Ratio = what {ref} needs / what "
+                  "the optimizer spent over its whole budget: below 1, the optimizer is slower than "
+                  f"{ref} (an equivalent speedup).", "",
+                  f"| optimizer | its final loss | {ref} steps | ratio (steps) | ratio (passes) | ratio (time) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for opt, d in others:
+            r = d["reference_to_this_loss"]
+            if r is None:
+                lines.append(f"| {NAMES.get(opt, opt)} | {d['final_mean']:.4f} | not reached | - | - | - |")
+                continue
+            lines.append(f"| {NAMES.get(opt, opt)} | {d['final_mean']:.4f} | {r['steps']['reference']:.0f} | "
+                         + " | ".join(_fmt(r[k]["ratio"], ".2f") + "x" for k in ("steps", "passes", "elapsed"))
+                         + " |")
     lines += ["", f"A seed counts as reaching the target when its own curve gets there within the budget (so some of "
               f"{ref}'s own seeds do not). No time-to-target is given for an optimizer with a diverged seed.", "",
               "## lr sensitivity (seed 0, the tuning runs)", "",
