@@ -18,23 +18,14 @@ OPTIMIZERS = ("sophiag", "adamw")
 
 
 def plot_curves(runs: dict[str, list[dict]], path: Path, title: str) -> None:
-    import matplotlib
+    from sophia.plotting import finish_axes, pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for name, events in runs.items():
         evals = [e for e in events if e.get("event") == "eval"]
         ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], marker="o", ms=3, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_axes(ax, "step", "validation loss", title, legend_size=None)
+    save(fig, path)
 
 
 DEMO_STEPS = 400

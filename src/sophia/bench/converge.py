@@ -35,6 +35,7 @@ from typing import Any
 from sophia.bench.machine import machine_info
 from sophia.lm.checkpoint import CHECKPOINT, read_metrics
 from sophia.lm.config import TrainError, resolve_config
+from sophia.lm.presets import QUICK_MODEL
 
 OPTIMIZER_ORDER = ("adamw", "lion", "adahessian", "sophiah", "sophiag")
 NAMES = {"adamw": "AdamW", "lion": "Lion", "adahessian": "AdaHessian", "sophiah": "SophiaH", "sophiag": "SophiaG"}
@@ -47,7 +48,6 @@ DEFAULT_LRS = {
     "sophiag": (2.5e-4, 5e-4, 1e-3, 2e-3),
 }
 DEFAULT_RHOS = (0.01, 0.05, 0.2)
-QUICK_MODEL = {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 32, "batch_size": 4}
 SWEEP_FILE = "sweep.json"
 
 
@@ -308,11 +308,9 @@ def _band(runs: list[dict[str, Any]], key: str) -> tuple[list[float], list[float
 
 
 def plot(analysis: dict[str, Any], out: Path, title: str) -> list[str]:
-    import matplotlib
+    from sophia.plotting import finish_axes, pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     files = []
     for key, label, fname in (("step", "step", "loss_vs_steps.png"),
                               ("elapsed", "training wall-clock (s, one thread)", "loss_vs_time.png")):
@@ -326,14 +324,8 @@ def plot(analysis: dict[str, Any], out: Path, title: str) -> list[str]:
         finals = [d["final_mean"] for d in analysis["optimizers"].values() if math.isfinite(d["final_mean"])]
         if finals:
             ax.set_ylim(min(finals) - 0.1, max(finals) + 0.9)
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation loss (mean, band: min-max over seeds)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
+        finish_axes(ax, label, "validation loss (mean, band: min-max over seeds)", title)
+        save(fig, out / fname)
         files.append(fname)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for opt, d in analysis["optimizers"].items():
@@ -341,14 +333,9 @@ def plot(analysis: dict[str, Any], out: Path, title: str) -> list[str]:
         ys = [g["final_val_loss"] if math.isfinite(g["final_val_loss"]) else float("nan") for g in pts]
         ax.plot([g["lr"] for g in pts], ys, marker="o", label=NAMES.get(opt, opt))
     ax.set_xscale("log")
-    ax.set_xlabel("peak lr")
-    ax.set_ylabel("final validation loss (seed 0)")
-    ax.set_title("lr sensitivity (Sophia at its best rho; diverged runs omitted)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "loss_vs_lr.png", dpi=120)
-    plt.close(fig)
+    finish_axes(ax, "peak lr", "final validation loss (seed 0)",
+                "lr sensitivity (Sophia at its best rho; diverged runs omitted)")
+    save(fig, out / "loss_vs_lr.png")
     return files + ["loss_vs_lr.png"]
 
 

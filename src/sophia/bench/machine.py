@@ -20,6 +20,12 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so that wall-clock timings are whole."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def machine_info() -> dict[str, object]:
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform()}

@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from sophia.bench.machine import machine_info
+from sophia.bench.machine import machine_info, synchronize
 from sophia.lm.config import resolve_config
+from sophia.lm.presets import QUICK_MODEL
 from sophia.lm.train import Trainer
 
 CONFIGS = (
@@ -27,21 +28,13 @@ CONFIGS = (
     ("sophiag k=10, 1/4 batch", "sophiag", {"hessian_interval": 10, "hessian_batch_fraction": 0.25}),
     ("sophiah k=10", "sophiah", {"hessian_interval": 10}),
 )
-QUICK = {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 32, "batch_size": 4, "grad_accum": 1}
-
-
-def _sync(trainer: Trainer) -> None:
-    if trainer.device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(trainer.device)
 
 
 def measure(preset: str, steps: int, out_dir: Path, quick: bool, seed: int = 0, log=print,
             overrides: dict | None = None) -> dict:
     trainers = []
     for label, optimizer, extra in CONFIGS:
-        settings = {**(QUICK if quick else {}), **(overrides or {}), **extra, "max_steps": steps,
+        settings = {**(QUICK_MODEL if quick else {}), **(overrides or {}), **extra, "max_steps": steps,
                     "progress": False, "eval_batches": 1, "seed": seed}
         cfg = resolve_config(preset, optimizer, settings)
         cfg.out_dir = str(out_dir / "runs" / f"{preset}-{label.replace(' ', '').replace(',', '-').replace('/', '')}")
@@ -54,10 +47,10 @@ def measure(preset: str, steps: int, out_dir: Path, quick: bool, seed: int = 0, 
         order = trainers[:]
         rng.shuffle(order)
         for label, trainer in order:
-            _sync(trainer)
+            synchronize(trainer.device)
             t = time.perf_counter()
-            trainer.train_step(i)  # ends with loss.item(): the device has finished the step
-            _sync(trainer)
+            trainer.train_step(i)
+            synchronize(trainer.device)
             times[label].append(time.perf_counter() - t)
         if (i + 1) % 10 == 0:
             log(f"{preset}: {i + 1}/{steps} rounds")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from sophia.bench.machine import machine_info
+from sophia.bench.machine import synchronize as _sync
 from sophia.optim import SophiaG, SophiaH
 
 
@@ -125,11 +126,6 @@ def _variants(shapes, dtype, include_compiled: bool, device: torch.device) -> li
     except ImportError:
         pass
     return out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def stream_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5, device: torch.device | None = None) -> float:

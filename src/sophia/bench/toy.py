@@ -190,11 +190,9 @@ def solve(problem: Problem, lrs: list[float], steps: int) -> dict[str, Any]:
 
 
 def plot(results: list[dict[str, Any]], problems: dict[str, Problem], out: Path) -> list[str]:
-    import matplotlib
+    from sophia.plotting import finish_axes, pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     files = []
     two = next((r for r in results if r["problem"] == "2d"), None)
     if two is not None:
@@ -215,13 +213,9 @@ def plot(results: list[dict[str, Any]], problems: dict[str, Problem], out: Path)
         ax.plot([1], [-1], "k*", ms=12)
         ax.set_xlim(-3, 3)
         ax.set_ylim(-2.5, 4)
-        ax.set_xlabel("x (sharp: curvature 25 at the minimum)")
-        ax.set_ylabel("y (flat: curvature 0.01)")
-        ax.set_title("2-D toy: first 400 steps at each method's best lr")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "toy_2d_trajectories.png", dpi=120)
-        plt.close(fig)
+        finish_axes(ax, "x (sharp: curvature 25 at the minimum)", "y (flat: curvature 0.01)",
+                    "2-D toy: first 400 steps at each method's best lr")
+        save(fig, out / "toy_2d_trajectories.png")
         files.append("toy_2d_trajectories.png")
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4))
     axes = [axes] if len(results) == 1 else axes
@@ -231,14 +225,8 @@ def plot(results: list[dict[str, Any]], problems: dict[str, Problem], out: Path)
             ax.plot(gaps, label=method)
         ax.axhline(res["tol"], color="grey", ls=":", lw=1)
         ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss - minimum")
-        ax.set_title(res["problem"])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "toy_losses.png", dpi=120)
-    plt.close(fig)
+        finish_axes(ax, "step", "loss - minimum", res["problem"])
+    save(fig, out / "toy_losses.png")
     return files + ["toy_losses.png"]
 
 

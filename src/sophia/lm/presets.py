@@ -67,6 +67,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# A one-layer model for the benchmarks' quick modes (seconds, for tests).
+QUICK_MODEL = {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 32, "batch_size": 4, "grad_accum": 1}
+
+
 def get_preset(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")

@@ -178,10 +178,13 @@ class SophiaBase(Optimizer):
         return "foreach" if group["foreach"] else "for-loop"
 
     # -- the update -----------------------------------------------------------------------
-    def _check_groups(self) -> None:
-        """Refuse an impossible setting in any group before the step changes anything."""
-        for group in self.param_groups:
-            self._implementation(group, self._params_with_grad(group))
+    def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        """Each group with its parameters that have a gradient, after refusing an impossible setting in
+        any group: the step changes nothing before every group is known to be steppable."""
+        work = [(group, self._params_with_grad(group)) for group in self.param_groups]
+        for group, params in work:
+            self._implementation(group, params)
+        return work
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         if not params:

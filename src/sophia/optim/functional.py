@@ -148,6 +148,11 @@ class GraphedUpdate:
         key = (tuple(t.data_ptr() for t in params), tuple(t.data_ptr() for t in grads),
                tuple(t.data_ptr() for t in exp_avgs), tuple(t.data_ptr() for t in hessians), bool(maximize))
         device = params[0].device
+
+        def plain() -> None:
+            _compiled(list(params), list(grads), list(exp_avgs), list(hessians), float(lr), float(beta1),
+                      float(rho), float(weight_decay), float(eps), bool(maximize))
+
         if self.graph is not None and key == self.key:
             self._write(values)
             with torch.cuda.device(device):
@@ -160,8 +165,7 @@ class GraphedUpdate:
             if self.seen is not None:
                 self.moves += 1
             self.seen, self.graph, self.key = key, None, None
-            _compiled(list(params), list(grads), list(exp_avgs), list(hessians), float(lr), float(beta1),
-                      float(rho), float(weight_decay), float(eps), bool(maximize))
+            plain()
             return
         buckets = list(_group_by_device_dtype(list(params), list(grads), list(exp_avgs), list(hessians)))
         self.scalars = [torch.zeros(5, dtype=torch.float64 if ps[0].dtype == torch.float64 else torch.float32,
@@ -178,8 +182,7 @@ class GraphedUpdate:
         except Exception as e:  # nothing ran during the capture: take this step without a graph
             self.failed, self.graph, self.key = key, None, None
             self.error = f"{type(e).__name__}: {e}"
-            _compiled(list(params), list(grads), list(exp_avgs), list(hessians), float(lr), float(beta1),
-                      float(rho), float(weight_decay), float(eps), bool(maximize))
+            plain()
             return
         self.graph, self.key = graph, key
         with torch.cuda.device(device):

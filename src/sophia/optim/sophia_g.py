@@ -92,7 +92,6 @@ class SophiaG(SophiaBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_groups()
-        for group in self.param_groups:
-            self._update_group(group, self._params_with_grad(group))
+        for group, params in self._groups_with_grads():
+            self._update_group(group, params)
         return loss

@@ -136,8 +136,7 @@ class SophiaH(SophiaBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_groups()
-        work = [(g, self._params_with_grad(g)) for g in self.param_groups]
+        work = self._groups_with_grads()
         due = [(g, p) for g, ps in work for p in ps if self._due(g, p) and id(p) not in self._supplied]
         if due:
             self._refresh(due)
