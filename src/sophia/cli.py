@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     cv.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
     cv.add_argument("--data-root", default="data")
     cv.add_argument("--quick", action="store_true", help="a one-layer model, 20 steps, AdamW and SophiaG")
+    cv.add_argument("--qk-norm", action="store_true", help="every optimizer's model with QK-norm (train --qk-norm)")
 
     toy = bench.add_parser("toy", help="GD, Adam, SignGD, Newton and SophiaG on small problems with exact curvature")
     toy.add_argument("--out-dir", required=True)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             converge_main(args.out_dir, preset=args.preset, optimizers=_csv(args.optimizers, str),
                           steps=args.steps, seeds=args.seeds, lrs=_grids(args.lrs), rhos=_csv(args.rhos, float),
                           eval_every=args.eval_every, eval_batches=args.eval_batches, data_root=args.data_root,
-                          jobs=args.jobs, quick=args.quick, command=command)
+                          jobs=args.jobs, quick=args.quick, command=command, qk_norm=args.qk_norm)
             return 0
         if args.command == "bench" and args.bench == "toy":
             from sophia.bench.toy import main as toy_main

@@ -95,7 +95,11 @@ class Sweep:
         if s.rho is not None:
             cmd += ["--rho", repr(s.rho)]
         for key, value in spec["model"].items():
-            cmd += ["--" + key.replace("_", "-"), str(value)]
+            flag = key.replace("_", "-")
+            if isinstance(value, bool):
+                cmd.append(f"--{flag}" if value else f"--no-{flag}")
+            else:
+                cmd += ["--" + flag, str(value)]
         return cmd
 
     def execute(self, s: Setting) -> dict[str, Any]:
@@ -122,6 +126,9 @@ class Sweep:
                   "final_val_loss": math.inf if diverged else evals[-1]["val_loss"],
                   "evals": [{k: e[k] for k in ("step", "val_loss", "tokens", "elapsed", "train_passes",
                                                "hessian_passes")} for e in evals]}
+        for key in ("attn_max_logit", "attn_entropy"):  # the final attention diagnostics, where logged
+            if evals and key in evals[-1]:
+                result[key] = evals[-1][key]
         tmp = d / ".result.json.tmp"
         tmp.write_text(json.dumps(result) + "\n")
         os.replace(tmp, done)
@@ -250,7 +257,13 @@ def analyse(sweep: Sweep) -> dict[str, Any]:
                        for s, r in results.items() if s.optimizer == opt and s.seed == 0),
                       key=lambda g: (g["rho"] or 0, g["lr"]))
         mean, sd = _mean_sd(finals)
-        per_opt[opt] = {"diverged_seeds": sum(not math.isfinite(f) for f in finals),
+        attn = [r for r in runs if "attn_max_logit" in r]
+        if attn:  # per seed: the largest logit over layers and the lowest layer entropy
+            per_opt_attn = {"max_logit": [max(r["attn_max_logit"]) for r in attn],
+                            "min_entropy": [min(r["attn_entropy"]) for r in attn]}
+        else:
+            per_opt_attn = None
+        per_opt[opt] = {"attention": per_opt_attn,"diverged_seeds": sum(not math.isfinite(f) for f in finals),
                         "best_lr": lr, "best_rho": rho, "finals": finals, "final_mean": mean, "final_sd": sd,
                         "final_min": min(finals), "final_max": max(finals), "grid": grid, "runs": runs,
                         "tuning_runs": len(grid)}
@@ -362,7 +375,8 @@ def report(result: dict[str, Any]) -> str:
         f"{spec['jobs']} runs shared the machine.", "",
         f"Budget: {spec['steps']} steps of {spec['tokens_per_step']:,} tokens ({tokens:,} tokens), warm-up "
         f"{spec['warmup_steps']} steps then cosine to lr/10, the preset's other settings for each optimizer; "
-        f"validation loss on {spec['eval_batches']} fixed batches every {spec['eval_every']} steps.", "",
+        f"validation loss on {spec['eval_batches']} fixed batches every {spec['eval_every']} steps."
+        + (" Every optimizer's model has QK-norm (`--qk-norm`)." if spec["model"].get("qk_norm") else ""), "",
         f"Tuning, the same for every optimizer: lr grid factor 2 apart at seed 0, grown by one point while "
         f"the best sat at an edge (at most {spec['max_extend']} times); Sophia also a rho grid "
         f"({', '.join(f'{r:g}' for r in spec['rhos'])}) at its best lr; then the chosen setting at "
@@ -381,6 +395,17 @@ def report(result: dict[str, Any]) -> str:
             + (f"{vs['diff']:+.4f} | {_fmt(vs['welch_t'], '+.1f') if vs['welch_t'] is not None else 'n/a'} | "
                f"{'yes' if vs['ranges_overlap'] else 'no'} |"
                if vs else "| | |"))
+    if any(d.get("attention") for d in opts.values()):
+        lines += ["", "## Attention at the end of training (fresh seeds)", "",
+                  "The largest attention logit over layers and the lowest per-layer attention entropy (nats) on "
+                  "the first validation batch, range over seeds. Logits in the hundreds with entropy near 0 mean "
+                  "saturated, near one-hot attention.", "",
+                  "| optimizer | max attention logit | min layer entropy |", "|---|---:|---:|"]
+        for opt, d in opts.items():
+            at = d.get("attention")
+            if at:
+                lines.append(f"| {NAMES.get(opt, opt)} | {min(at['max_logit']):,.0f}-{max(at['max_logit']):,.0f} | "
+                             f"{min(at['min_entropy']):.2f}-{max(at['min_entropy']):.2f} |")
     lines += ["", f"## To {ref}'s final loss ({a['target']:.4f}, the mean over its seeds)", "",
               "Where each optimizer's mean curve (over seeds) first reaches that loss, interpolated between "
               f"evaluations; passes are forward/backward pairs, Hessian estimates included. Speedup = {ref}'s "
@@ -433,8 +458,10 @@ def report(result: dict[str, Any]) -> str:
 # -- entry point ---------------------------------------------------------------------------------
 def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: dict[str, list[float]] | None,
                rhos: list[float], eval_every: int, eval_batches: int, data_root: str, jobs: int, quick: bool,
-               max_extend: int = 2) -> dict[str, Any]:
+               max_extend: int = 2, qk_norm: bool = False) -> dict[str, Any]:
     model = dict(QUICK_MODEL) if quick else {}
+    if qk_norm:  # every optimizer gets it: fairness
+        model["qk_norm"] = True
     warmup = max(1, steps // 10) if quick else None
     grids, default_rho, tokens_per_step, warmup_steps = {}, {}, None, None
     for opt in optimizers:
@@ -464,7 +491,7 @@ _RESUMABLE = {"jobs", "data_root"}
 def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = None, steps: int = 400,
          seeds: int = 3, lrs: dict[str, list[float]] | None = None, rhos: list[float] | None = None,
          eval_every: int = 25, eval_batches: int = 10, data_root: str = "data", jobs: int = 2,
-         quick: bool = False, command: str = "sophia bench converge") -> dict[str, Any]:
+         quick: bool = False, command: str = "sophia bench converge", qk_norm: bool = False) -> dict[str, Any]:
     if quick:
         optimizers = optimizers or ["adamw", "sophiag"]
         steps, seeds, eval_every, eval_batches = 20, 2, 5, 2
@@ -475,7 +502,7 @@ def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = N
     if steps < 1 or seeds < 1 or jobs < 1 or eval_every < 1 or eval_batches < 1:
         raise TrainError("--steps, --seeds, --jobs, --eval-every and --eval-batches must be >= 1")
     spec = build_spec(preset, optimizers, steps, seeds, lrs, rhos or list(DEFAULT_RHOS), eval_every, eval_batches,
-                      data_root, jobs, quick, max_extend=0 if quick else 2)
+                      data_root, jobs, quick, max_extend=0 if quick else 2, qk_norm=qk_norm)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     saved_path = out / SWEEP_FILE

@@ -30,6 +30,7 @@ class TrainConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
+    qk_norm: bool = False  # RMSNorm of q and k per head (not in the paper's GPT-2)
     # batch and schedule
     batch_size: int = 32
     grad_accum: int = 1
@@ -57,6 +58,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 (autocast)
     compile: bool = False
     progress: bool = True
+    flush_denormal: bool = True  # CPU only: subnormal floats to zero (restored after the run)
+    attn_logit_warn: float = 300.0  # warn once when an attention logit exceeds this (0: never)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,7 +81,7 @@ class TrainConfig:
             raise TrainError(f"--lr-decay-steps must be >= 1, got {self.lr_decay_steps}")
         if self.n_embd % self.n_head:
             raise TrainError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
-        for name in ("lr", "min_lr", "weight_decay", "rho", "grad_clip"):
+        for name in ("lr", "min_lr", "weight_decay", "rho", "grad_clip", "attn_logit_warn"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise TrainError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
@@ -128,7 +131,8 @@ def resolve_config(preset: str, optimizer: str, overrides: dict[str, Any] | None
 
 # Settings a resumed run may change without breaking its exactness (or, for max_steps, knowingly:
 # with lr_decay_steps unset the cosine schedule follows the new length).
-RESUME_CHANGEABLE = {"max_steps", "eval_every", "checkpoint_every", "log_every", "progress", "device", "data_root"}
+RESUME_CHANGEABLE = {"max_steps", "eval_every", "checkpoint_every", "log_every", "progress", "device", "data_root",
+                     "flush_denormal", "attn_logit_warn"}
 
 
 def resume_config(saved: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -4,6 +4,15 @@ positions, tied input and output embeddings, dropout.
 Attention goes through ``scaled_dot_product_attention`` (``attention="sdpa"``) or an explicit
 softmax(QK^T)V (``attention="math"``), which supports double backward; the fused CPU/GPU
 kernels do not, so Hutchinson estimates need the math path (:meth:`GPT.use_attention`).
+
+``qk_norm=True`` (off in every GPT-2 preset, which keep the paper's architecture) normalises
+each head's query and key with an RMSNorm over the head dimension (a learnable gain per
+dimension, shared by the heads) before the dot product: the remedy of Dehghani et al. 2023
+and Wortsman et al. 2023 for attention logits that grow without bound. With unit gains a
+logit is then at most sqrt(head_dim) in magnitude.
+
+:meth:`GPT.attention_stats` measures, per layer, the largest attention logit (after the
+1/sqrt(d) scaling, causal positions only) and the mean entropy of the attention rows.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -43,6 +53,19 @@ class GPTConfig:
         return asdict(self)
 
 
+class HeadRMSNorm(nn.Module):
+    """x / rms(x) * gain over the last dimension, written out in plain ops (double backward works)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -52,11 +75,29 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.attention = "sdpa"
+        head_dim = cfg.n_embd // cfg.n_head
+        self.q_norm = HeadRMSNorm(head_dim) if cfg.qk_norm else None
+        self.k_norm = HeadRMSNorm(head_dim) if cfg.qk_norm else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The attention logits (B, heads, T, T), scaled by 1/sqrt(d), -inf above the diagonal."""
+        q, k, _ = self._qkv(x)
+        T = x.shape[1]
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return att.masked_fill(~mask, float("-inf"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self._qkv(x)
         p = self.dropout if self.training else 0.0
         if self.attention == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -66,6 +107,18 @@ class CausalSelfAttention(nn.Module):
             att = torch.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
             y = F.dropout(att, p, self.training) @ v
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+def attention_logit_stats(logits: Tensor) -> tuple[float, float]:
+    """(largest |logit| over the unmasked entries, mean entropy in nats of the softmax rows) of
+    attention logits (..., T, T) in which masked entries are -inf."""
+    logits = logits.float()
+    finite = torch.isfinite(logits)
+    max_abs = logits.abs().masked_fill(~finite, 0.0).amax().item()
+    p = torch.softmax(logits, dim=-1)
+    plogp = torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)), torch.zeros_like(p))
+    entropy = -plogp.sum(-1).mean().item()
+    return max_abs, entropy
 
 
 class Block(nn.Module):
@@ -130,6 +183,20 @@ class GPT(nn.Module):
             yield self
         finally:
             self.set_attention(before)
+
+    @torch.no_grad()
+    def attention_stats(self, idx: Tensor) -> dict[str, list[float]]:
+        """Per layer, on the batch ``idx``: ``attn_max_logit`` (largest |logit|) and ``attn_entropy``
+        (mean entropy of the attention rows, nats; log(t+1) for uniform attention at position t)."""
+        T = idx.shape[1]
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        max_logit, entropy = [], []
+        for block in self.blocks:
+            m, e = attention_logit_stats(block.attn.logits(block.ln_1(x)))
+            max_logit.append(m)
+            entropy.append(e)
+            x = block(x)
+        return {"attn_max_logit": max_logit, "attn_entropy": entropy}
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         T = idx.shape[1]

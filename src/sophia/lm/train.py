@@ -125,6 +125,7 @@ class Trainer:
         self.device = self.dist.device
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.out_dir = Path(cfg.out_dir)
+        self._attn_warned = False
 
     # -- set-up ---------------------------------------------------------------------------
     def _check_out_dir(self) -> None:
@@ -169,7 +170,7 @@ class Trainer:
             raise TrainError(f"the dataset is too small for --block-size {cfg.block_size}")
         self.model_config = GPTConfig(block_size=cfg.block_size, vocab_size=self.data.vocab_size,
                                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                      dropout=cfg.dropout, bias=cfg.bias)
+                                      dropout=cfg.dropout, bias=cfg.bias, qk_norm=cfg.qk_norm)
         self._check_memory(self.data.vocab_size)
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.model_config).to(self.device)
@@ -221,8 +222,9 @@ class Trainer:
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         saved = ckpt["config"]
-        for key in ("optimizer", "n_layer", "n_head", "n_embd", "block_size", "bias", "corpus", "tokenizer"):
-            if saved.get(key) != getattr(self.cfg, key):
+        for key in ("optimizer", "n_layer", "n_head", "n_embd", "block_size", "bias", "qk_norm", "corpus",
+                    "tokenizer"):
+            if saved.get(key, False if key == "qk_norm" else None) != getattr(self.cfg, key):
                 raise TrainError(f"--resume: the checkpoint was trained with {key}={saved.get(key)!r}, "
                                  f"not {getattr(self.cfg, key)!r}")
         try:
@@ -285,6 +287,25 @@ class Trainer:
         loss = torch.tensor(total / len(self.val_batches), device=self.device)
         self.dist.all_reduce_mean_([loss])
         return loss.item()
+
+    @torch.no_grad()
+    def attention_stats(self) -> dict[str, list[float]]:
+        """Per-layer largest attention logit and attention entropy on the first validation batch
+        (one extra forward at evaluations only; the same weights on every rank)."""
+        self.raw_model.eval()
+        with self.autocast:
+            stats = self.raw_model.attention_stats(self.val_batches[0][0].to(self.device))
+        self.raw_model.train()
+        stats = {k: [round(v, 4) for v in vals] for k, vals in stats.items()}
+        worst = max(stats["attn_max_logit"], default=0.0)
+        if (self.cfg.attn_logit_warn > 0 and worst > self.cfg.attn_logit_warn and self.dist.main
+                and not self._attn_warned):
+            self._attn_warned = True
+            self.log(f"warning: an attention logit reached {worst:,.0f} (above --attn-logit-warn "
+                     f"{self.cfg.attn_logit_warn:g}): attention is saturating (entropy per layer "
+                     f"{', '.join(f'{e:.2f}' for e in stats['attn_entropy'])} nats). "
+                     "Remedies: --qk-norm, or a lower --lr")
+        return stats
 
     def _label_generator(self, micro: int) -> torch.Generator:
         """Labels sampled independently per rank (shared draws would bias N*g**2 under DDP), and
@@ -381,9 +402,13 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        from sophia.denormal import flush_denormals
+
+        flush = self.cfg.flush_denormal and self.device.type == "cpu"
         try:
-            self.setup()
-            return self._loop()
+            with flush_denormals(True) if flush else nullcontext():
+                self.setup()
+                return self._loop()
         finally:
             self.dist.close()
 
@@ -396,7 +421,8 @@ class Trainer:
                          f"{cfg.batch_size * cfg.block_size * self.accum * self.dist.world_size} tokens per step")
             self._event(event="start", config=cfg.to_dict(), parameters=self.raw_model.num_parameters(),
                         world_size=self.dist.world_size, device=str(self.device))
-            self._event(event="eval", val_loss=self.evaluate(), lr=lr_at(0, cfg))  # evaluate is a collective
+            self._event(event="eval", val_loss=self.evaluate(), lr=lr_at(0, cfg),
+                        **self.attention_stats())  # evaluate is a collective
             if cfg.grad_accum < self.dist.world_size and self.dist.main:
                 self.log(f"--grad-accum {cfg.grad_accum} < {self.dist.world_size} ranks: one micro-batch per rank")
             self._checkpoint()  # step 0: a run killed before its first periodic checkpoint can resume
@@ -425,7 +451,7 @@ class Trainer:
                     self._event(event="train", train_loss=loss, lr=lr, **extra)
                 if step % cfg.eval_every == 0 or step == cfg.max_steps:
                     last_val = self.evaluate()
-                    self._event(event="eval", val_loss=last_val, lr=lr)
+                    self._event(event="eval", val_loss=last_val, lr=lr, **self.attention_stats())
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                     self._checkpoint()
                 t_last = time.perf_counter()  # evaluation and checkpoints are not training time
@@ -462,7 +488,9 @@ class Trainer:
                 "steps": c["step"], "tokens": c["tokens"], "elapsed": c["elapsed"],
                 "train_passes": c["train_passes"], "hessian_passes": c["hessian_passes"],
                 "final_val_loss": evals[-1]["val_loss"] if evals else None,
-                "best_val_loss": min((e["val_loss"] for e in evals), default=None), **self._diagnostics()}
+                "best_val_loss": min((e["val_loss"] for e in evals), default=None),
+                **{k: evals[-1][k] for k in ("attn_max_logit", "attn_entropy") if evals and k in evals[-1]},
+                **self._diagnostics()}
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -473,6 +501,9 @@ def format_summary(s: dict[str, Any]) -> str:
              "estimates",
              f"val loss   final {s['final_val_loss']:.4f}  best {s['best_val_loss']:.4f}"
              if s["final_val_loss"] is not None else "val loss   -"]
+    if s.get("attn_max_logit"):
+        lines.append(f"attention  max logit per layer {', '.join(f'{v:.0f}' for v in s['attn_max_logit'])}; "
+                     f"entropy {', '.join(f'{v:.2f}' for v in s['attn_entropy'])} nats")
     if "win_rate" in s:
         lines.append(f"sophia     win rate {s['win_rate']:.3f}  hessian norm {s['hessian_norm']:.3g}  "
                      f"refreshes {s['hessian_updates']} (skipped {s['hessian_skipped']})")
