@@ -47,8 +47,12 @@ def _as_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def validate_group(group: Mapping[str, Any], owner: str) -> None:
-    """Raise ValueError naming the first invalid hyperparameter of a param group."""
+def validate_hyperparameters(group: Mapping[str, Any], owner: str) -> None:
+    """Raise ValueError naming the first invalid hyperparameter of a group (or of the defaults).
+
+    Looks only at the settings, never at ``params``: the constructor checks its defaults with it
+    before it reads the parameters.
+    """
     lr = _as_float("lr", group["lr"])
     if not (math.isfinite(lr) and lr >= 0):
         raise ValueError(f"{owner}: invalid lr {lr!r}: must be finite and >= 0")
@@ -69,15 +73,21 @@ def validate_group(group: Mapping[str, Any], owner: str) -> None:
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"{owner}: invalid eps {eps!r}: must be finite and > 0 "
                          "(it is the floor of the denominator max(rho * h, eps))")
-    if not isinstance(group["maximize"], bool):
-        raise ValueError(f"{owner}: maximize must be a bool, got {group['maximize']!r}")
+    for flag in ("maximize", "cuda_graph"):
+        if not isinstance(group[flag], bool):
+            raise ValueError(f"{owner}: {flag} must be a bool, got {group[flag]!r}")
+    for flag in ("foreach", "fused"):
+        if group[flag] is not None and not isinstance(group[flag], bool):
+            raise ValueError(f"{owner}: {flag} must be True, False or None, got {group[flag]!r}")
     if group["foreach"] and group["fused"]:
         raise ValueError(f"{owner}: foreach=True and fused=True are exclusive; choose one")
-    if not isinstance(group["cuda_graph"], bool):
-        raise ValueError(f"{owner}: cuda_graph must be a bool, got {group['cuda_graph']!r}")
     if group["cuda_graph"] and group["foreach"]:
         raise ValueError(f"{owner}: cuda_graph=True replays the compiled update; it excludes foreach=True")
-    for p in group["params"]:
+
+
+def validate_params(params: Sequence[Any], group: Mapping[str, Any], owner: str) -> None:
+    """Raise naming the first parameter that this group's settings cannot optimize."""
+    for i, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise TypeError(f"{owner}: params must be tensors, got {type(p).__name__}")
         if p.is_complex():
@@ -85,12 +95,55 @@ def validate_group(group: Mapping[str, Any], owner: str) -> None:
                              "torch.view_as_real(p) as a real parameter instead")
         if not p.is_floating_point():
             raise ValueError(f"{owner}: parameter of dtype {p.dtype} is not floating point")
+        if group["cuda_graph"] and not p.is_cuda:
+            raise ValueError(f"{owner}: cuda_graph=True needs CUDA parameters, but parameter {i} of its "
+                             f"group is on {p.device}; move the model to the GPU first, or leave cuda_graph off")
+
+
+def validate_group(group: Mapping[str, Any], owner: str) -> None:
+    """Raise naming the first invalid setting or parameter of a param group."""
+    validate_hyperparameters(group, owner)
+    validate_params(group["params"], group, owner)
+
+
+def _group_tensors(params: Any) -> list[Any]:
+    """The parameters of a group as torch's add_param_group will store them (names dropped)."""
+    if isinstance(params, Tensor):
+        return [params]
+    return [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+
+
+def _counter(counters: Mapping[str, Any], key: str) -> int:
+    value = counters.get(key, 0)
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not _is_number(value) or value < 0 or value != int(value):
+        raise ValueError(f"the state dict's {_COUNTERS_KEY}[{key!r}] must be a count >= 0, got {value!r}")
+    return int(value)
+
+
+# The settings every SophiaG/SophiaH param group has always saved; a group without them is not ours.
+_REQUIRED_KEYS = ("lr", "betas", "rho", "weight_decay")
+
+
+def _describe_foreign(groups: Sequence[Mapping[str, Any]], missing: Sequence[str]) -> str:
+    keys = sorted({k for g in groups for k in g if k != "params"})
+    guess = ""
+    if {"amsgrad", "eps"} <= set(keys):
+        guess = " (torch.optim.AdamW's)" if any(g.get("decoupled_weight_decay") for g in groups) \
+            else " (torch.optim.Adam's or AdamW's)"
+    elif {"momentum", "dampening", "nesterov"} <= set(keys):
+        guess = " (torch.optim.SGD's)"
+    return (f"this state dict is from another optimizer{guess}: its param groups lack "
+            f"{', '.join(repr(k) for k in missing)} and have {', '.join(keys) or 'no settings'}")
 
 
 class SophiaBase(Optimizer):
     """Common base of :class:`~sophia.SophiaG` and :class:`~sophia.SophiaH`; not used directly."""
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        # The settings first, before params is looked at (as torch's optimizers do).
+        self._validate_hyperparameters(defaults)
         self._hessian_updates = 0
         self._hessian_skipped = 0
         self._warned_nonfinite = False
@@ -98,10 +151,23 @@ class SophiaBase(Optimizer):
         self._warned_moves = False
         super().__init__(params, defaults)
 
+    # -- validation: every mutating call checks everything before it changes anything ----------
+    def _validate_hyperparameters(self, group: Mapping[str, Any]) -> None:
+        validate_hyperparameters(group, type(self).__name__)
+
+    def _validate_group(self, group: Mapping[str, Any]) -> None:
+        self._validate_hyperparameters(group)
+        validate_params(group["params"], group, type(self).__name__)
+
     # -- construction and persistence -----------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        validate_group(self.param_groups[-1], type(self).__name__)
+        if isinstance(param_group, dict) and "params" in param_group:
+            params = param_group["params"]
+            if not isinstance(params, (Tensor, set, list)):
+                param_group["params"] = list(params)  # a generator can be read only once
+            self._validate_group({**self.defaults, **param_group,
+                                  "params": _group_tensors(param_group["params"])})
+        super().add_param_group(param_group)  # its own checks also come before it appends
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -123,23 +189,75 @@ class SophiaBase(Optimizer):
                              "hessian_skipped": self._hessian_skipped}
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        groups = state_dict.get("param_groups", [])
+    def _check_state_dict(self, state_dict: Any) -> tuple[int, int]:
+        """Raise ValueError unless ``state_dict`` loads completely; returns its Hessian counters."""
+        owner = type(self).__name__
+        if (not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("state"), Mapping)
+                or not isinstance(state_dict.get("param_groups"), list)
+                or not all(isinstance(g, Mapping) and "params" in g for g in state_dict["param_groups"])):
+            raise ValueError(f"{owner}.load_state_dict: not an optimizer state dict (it needs 'state' and "
+                             "'param_groups', each group with its 'params')")
+        groups = state_dict["param_groups"]
         if any("capturable" in g and "eps" not in g for g in groups):
             raise ValueError(
                 "this state_dict was saved by the authors' SophiaG (sophia.py / sophia-opt), whose "
                 "hessian is not yet multiplied by the batch size bs it was given at step(bs=...); "
                 "convert it first: opt.load_state_dict(sophia.convert_authors_state_dict(sd, bs=N))")
+        missing = [k for k in _REQUIRED_KEYS if any(k not in g for g in groups)]
+        if missing:
+            raise ValueError(f"{_describe_foreign(groups, missing)}. {owner} loads only state dicts saved "
+                             f"by {owner} (or the authors' SophiaG, after convert_authors_state_dict); "
+                             "nothing was changed")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the state dict has {len(groups)} param groups, this {owner} has "
+                             f"{len(self.param_groups)}; nothing was changed")
+        id_map: dict[Any, Tensor] = {}
+        for i, (saved, current) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(current["params"]):
+                raise ValueError(f"param group {i} of the state dict has {len(saved['params'])} parameters, "
+                                 f"this {owner}'s has {len(current['params'])}; nothing was changed")
+            # the group as it will be after loading: saved settings, this optimizer's tensors
+            self._validate_group({**self._group_setdefaults(), **saved, "params": current["params"]})
+            id_map.update(zip(saved["params"], current["params"]))
+        for key, state in state_dict["state"].items():
+            p = id_map.get(key)
+            if p is None:
+                continue
+            if not isinstance(state, Mapping):
+                raise ValueError(f"the state of parameter {key!r} is not a dict; nothing was changed")
+            for name in ("exp_avg", "hessian"):
+                t = state.get(name)
+                if t is None:
+                    continue
+                if not isinstance(t, Tensor) or t.shape != p.shape or t.is_complex():
+                    what = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                    raise ValueError(
+                        f"the state dict's {name} for parameter {key!r} has {what}, but that parameter has "
+                        f"shape {tuple(p.shape)}: the state dict belongs to another model; nothing was changed")
+            step = state.get("step")
+            if step is not None:
+                if isinstance(step, Tensor):
+                    step = step.item() if step.numel() == 1 else None
+                if isinstance(step, bool) or not _is_number(step) or not (math.isfinite(step) and step >= 0):
+                    raise ValueError(f"the state dict's step for parameter {key!r} must be a count >= 0, got "
+                                     f"{state['step']!r}; nothing was changed")
+        counters = state_dict.get(_COUNTERS_KEY, {})
+        if not isinstance(counters, Mapping):
+            raise ValueError(f"the state dict's {_COUNTERS_KEY} must be a dict, got {counters!r}")
+        return _counter(counters, "hessian_updates"), _counter(counters, "hessian_skipped")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by this class; it is checked completely first, so a refused
+        one (another optimizer's, another model's, invalid settings) leaves the optimizer as it was."""
+        updates, skipped = self._check_state_dict(state_dict)
         state_dict = dict(state_dict)
-        counters = state_dict.pop(_COUNTERS_KEY, {})
+        state_dict.pop(_COUNTERS_KEY, None)
         self._graphs.clear()  # new state tensors: captured graphs would write to the old ones
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key, value in self._group_setdefaults().items():  # dicts saved before a setting existed
                 group.setdefault(key, value)
-            validate_group(group, type(self).__name__)
-        self._hessian_updates = int(counters.get("hessian_updates", 0))
-        self._hessian_skipped = int(counters.get("hessian_skipped", 0))
+        self._hessian_updates, self._hessian_skipped = updates, skipped
 
     # -- state ----------------------------------------------------------------------------
     def _state_for(self, p: Tensor) -> dict[str, Any]:
@@ -289,7 +407,8 @@ class SophiaBase(Optimizer):
           ``{param: tensor}`` or a sequence with one entry per parameter in ``param_groups``
           order (``None`` skips a parameter). Used as given (no scaling).
 
-        Either way ``hessian = beta2 * hessian + (1 - beta2) * estimate``. A parameter whose
+        Either way ``hessian = beta2 * hessian + (1 - beta2) * estimate``. ``bs=N`` with no
+        gradient on any parameter raises ``RuntimeError`` and counts nothing. A parameter whose
         estimate holds inf or nan is skipped (its EMA is unchanged), counted in
         ``diagnostics()['hessian_skipped']``, and a warning is issued the first time.
         """
@@ -303,7 +422,12 @@ class SophiaBase(Optimizer):
             raise ValueError(f"bs must be a positive number of predictions, got {bs!r}")
         params = [p for g in self.param_groups for p in self._params_with_grad(g)]
         if not params:
-            return
+            # Folding nothing would still count a refresh: a caller who got here skipped the backward
+            # of the sampled-label loss, or zeroed its gradients too early.
+            raise RuntimeError(
+                f"{type(self).__name__}.update_hessian(bs={bs!r}): no parameter has a gradient to estimate "
+                "from; run the backward of the sampled-label loss first and call it before zero_grad() "
+                "(sophia.hessian.gnb_refresh does the whole refresh). Nothing was changed.")
         # One reduction per tensor and one sync: is bs * max|g|**2 finite in the grad's dtype?
         # Under FSDP each rank checks its local shard.
         grads = [_local(p.grad.detach()) for p in params]

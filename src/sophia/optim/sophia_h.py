@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -86,13 +86,15 @@ class SophiaH(SophiaBase):
         defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps,
                         maximize=maximize, foreach=foreach, fused=fused, cuda_graph=cuda_graph,
                         update_period=update_period, distribution=distribution)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"SophiaH: generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
         self._supplied: set[int] = set()
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        _validate_h(self.param_groups[-1])
+    def _validate_hyperparameters(self, group: Mapping[str, Any]) -> None:
+        super()._validate_hyperparameters(group)
+        _validate_h(group)
 
     def _group_setdefaults(self) -> dict[str, Any]:
         return {**super()._group_setdefaults(), "update_period": 10, "distribution": "rademacher"}
@@ -104,8 +106,6 @@ class SophiaH(SophiaBase):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            _validate_h(group)
         self._supplied = set()
 
     def _due(self, group: dict[str, Any], p: Tensor) -> bool:
@@ -168,7 +168,7 @@ class SophiaH(SophiaBase):
         self._fold_estimates(estimates)
 
 
-def _validate_h(group: dict[str, Any]) -> None:
+def _validate_h(group: Mapping[str, Any]) -> None:
     k = group["update_period"]
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"SophiaH: invalid update_period {k!r}: must be an int >= 1")

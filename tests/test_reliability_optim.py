@@ -1,0 +1,267 @@
+"""A refused optimizer call changes nothing; bad input to the optimizers and estimators gets a
+clear error, checked before anything is touched (issue 9: items 2 and the smaller ones)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from sophia import SophiaG, SophiaH
+from sophia.hessian import hutchinson, hutchinson_from_grads
+
+OPTIMIZERS = [SophiaG, SophiaH]
+
+
+def _trained(cls, shapes=((3, 2), (4,)), steps=3, seed=0, **kwargs):
+    """An optimizer with non-trivial state after a few steps on fixed gradients."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in shapes]
+    opt = cls(params, lr=0.01, **kwargs)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        opt.step()
+        opt.update_hessian(estimates=[torch.rand(p.shape, generator=g, dtype=torch.float64) for p in params])
+    return opt, params
+
+
+def _snapshot(opt):
+    groups = [{k: v for k, v in grp.items() if k != "params"} for grp in opt.param_groups]
+    params = [[id(p) for p in grp["params"]] for grp in opt.param_groups]
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    return copy.deepcopy(groups), params, state, opt.hessian_updates, opt.hessian_skipped
+
+
+def _assert_unchanged(opt, snap):
+    groups, params, state, updates, skipped = _snapshot(opt)
+    assert groups == snap[0] and params == snap[1] and (updates, skipped) == snap[3:]
+    assert state.keys() == snap[2].keys()
+    for key, s in state.items():
+        assert s.keys() == snap[2][key].keys()
+        for name, t in s.items():
+            assert torch.equal(t, snap[2][key][name]), name
+
+
+def _continue(opt, params, seed=7, steps=3):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+# -- add_param_group ---------------------------------------------------------------------------
+BAD_GROUPS = [
+    ("lr", dict(lr=-1.0)), ("lr", dict(lr=math.nan)), ("rho", dict(rho=-0.5)),
+    ("betas", dict(betas=(0.9, 1.0))), ("foreach", dict(foreach="yes")),
+    ("cuda_graph", dict(cuda_graph=True)),  # the parameters are on the CPU
+]
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("name,bad", BAD_GROUPS, ids=[n for n, _ in BAD_GROUPS])
+def test_refused_param_group_is_not_added_and_never_stepped(cls, name, bad):
+    opt, params = _trained(cls)
+    snap = _snapshot(opt)
+    extra = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=name):
+        opt.add_param_group({"params": [extra], **bad})
+    _assert_unchanged(opt, snap)
+    extra.grad = torch.ones(5, dtype=torch.float64)  # with lr = -1 kept, this step would ascend
+    twin, twin_params = _trained(cls)
+    assert all(torch.equal(a, b) for a, b in zip(_continue(opt, params), _continue(twin, twin_params)))
+    assert torch.equal(extra.detach(), torch.ones(5, dtype=torch.float64)) and extra not in opt.state
+
+
+def test_sophiah_refused_update_period_is_not_added():
+    opt, _ = _trained(SophiaH)
+    snap = _snapshot(opt)
+    with pytest.raises(ValueError, match="update_period"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "update_period": 0})
+    _assert_unchanged(opt, snap)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_param_group_from_a_generator_is_added_whole(cls):
+    opt, _ = _trained(cls)
+    extra = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]
+    opt.add_param_group({"params": (p for p in extra), "lr": 0.5})
+    assert opt.param_groups[-1]["params"] == extra and opt.param_groups[-1]["lr"] == 0.5
+
+
+# -- construction ------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_multi_element_tensor_lr_is_refused_before_params_are_read(cls):
+    # torch's generic optimizer suite (TestOptimRenewed) passes params=None here
+    with pytest.raises(ValueError, match="lr"):
+        cls(None, lr=torch.tensor([1e-3, 1e-3]))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_one_element_tensor_lr_steps_like_the_float(cls):
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    a.grad, b.grad = torch.tensor([1.0, -2.0, 0.0]), torch.tensor([1.0, -2.0, 0.0])
+    cls([a], lr=torch.tensor(0.1), weight_decay=0.0).step()
+    cls([b], lr=0.1, weight_decay=0.0).step()
+    assert torch.equal(a.detach(), b.detach())
+    torch.testing.assert_close(a.detach(), torch.tensor([0.9, 1.1, 1.0]), rtol=0, atol=1e-7)  # sign steps while h = 0
+
+
+@pytest.mark.parametrize("flag", ["foreach", "fused"])
+def test_performance_flags_must_be_bool_or_none(flag):
+    with pytest.raises(ValueError, match=flag):
+        SophiaG([torch.nn.Parameter(torch.ones(2))], **{flag: "no"})
+
+
+def test_sophiah_generator_must_be_a_generator():
+    with pytest.raises(ValueError, match="generator"):
+        SophiaH([torch.nn.Parameter(torch.ones(2))], generator=0)
+
+
+# -- load_state_dict ---------------------------------------------------------------------------
+def _edited(sd, **group):
+    sd = copy.deepcopy(sd)
+    sd["param_groups"][0].update(group)
+    return sd
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("name,bad", [("lr", dict(lr=math.nan)), ("rho", dict(rho=-1.0)),
+                                      ("maximize", dict(maximize="yes"))])
+def test_state_dict_with_invalid_setting_is_refused_and_nothing_changes(cls, name, bad):
+    source, _ = _trained(cls, seed=1, steps=5)
+    opt, params = _trained(cls)
+    snap = _snapshot(opt)
+    with pytest.raises(ValueError, match=name):
+        opt.load_state_dict(_edited(source.state_dict(), **bad))
+    _assert_unchanged(opt, snap)
+    twin, twin_params = _trained(cls)
+    assert all(torch.equal(a, b) for a, b in zip(_continue(opt, params), _continue(twin, twin_params)))
+
+
+def test_sophiah_state_dict_with_invalid_update_period_is_refused_and_nothing_changes():
+    source, _ = _trained(SophiaH, seed=1)
+    opt, _ = _trained(SophiaH)
+    snap = _snapshot(opt)
+    with pytest.raises(ValueError, match="update_period"):
+        opt.load_state_dict(_edited(source.state_dict(), update_period=0))
+    _assert_unchanged(opt, snap)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_adamw_state_dict_is_named_as_foreign_and_the_optimizer_still_steps(cls):
+    opt, params = _trained(cls)
+    adam_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    adamw = torch.optim.AdamW(adam_params)
+    for p in adam_params:
+        p.grad = torch.ones_like(p)
+    adamw.step()
+    snap = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"another optimizer \(torch.optim.AdamW's\).*lack 'rho'") as e:
+        opt.load_state_dict(adamw.state_dict())
+    assert "KeyError" not in repr(e.value)
+    _assert_unchanged(opt, snap)
+    twin, twin_params = _trained(cls)
+    assert all(torch.equal(a, b) for a, b in zip(_continue(opt, params), _continue(twin, twin_params)))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_state_dict_for_other_shapes_is_refused_at_load(cls):
+    other, _ = _trained(cls, shapes=((2, 3), (4,)))  # same number of elements, another shape
+    opt, params = _trained(cls)
+    snap = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"shape \(2, 3\).*shape \(3, 2\)"):
+        opt.load_state_dict(other.state_dict())
+    _assert_unchanged(opt, snap)
+    _continue(opt, params)  # still steps
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("edit", ["groups", "params", "counter", "step", "not a dict"])
+def test_malformed_state_dict_is_refused_and_nothing_changes(cls, edit):
+    source, _ = _trained(cls, seed=1)
+    sd = copy.deepcopy(source.state_dict())
+    if edit == "groups":
+        sd["param_groups"].append(copy.deepcopy(sd["param_groups"][0]))
+    elif edit == "params":
+        sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:1]
+    elif edit == "counter":
+        sd["sophia_counters"]["hessian_updates"] = -3
+    elif edit == "step":
+        sd["state"][0]["step"] = torch.tensor(math.nan)
+    else:
+        sd = [sd]
+    opt, _ = _trained(cls)
+    snap = _snapshot(opt)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(sd)
+    _assert_unchanged(opt, snap)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_valid_state_dict_still_loads_with_its_counters(cls):
+    source, _ = _trained(cls, seed=1, steps=4)
+    opt, _ = _trained(cls)
+    opt.load_state_dict(source.state_dict())
+    assert opt.hessian_updates == source.hessian_updates == 4
+    for p, q in zip(opt.param_groups[0]["params"], source.param_groups[0]["params"]):
+        assert torch.equal(opt.state[p]["hessian"], source.state[q]["hessian"])
+
+
+# -- update_hessian(bs=N) without gradients -----------------------------------------------------
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_gnb_refresh_without_gradients_raises_and_counts_nothing(cls):
+    opt, _ = _trained(cls)
+    opt.zero_grad(set_to_none=True)
+    snap = _snapshot(opt)
+    with pytest.raises(RuntimeError, match="no parameter has a gradient"):
+        opt.update_hessian(bs=64)
+    _assert_unchanged(opt, snap)
+    assert opt.diagnostics()["hessian_updates"] == 3
+
+
+# -- hutchinson: what loss_fn returns ------------------------------------------------------------
+METHODS = ["double_backward", "forward_over_reverse"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("loss,error,match", [
+    (lambda ps: ps[0] ** 2, ValueError, r"scalar loss, got a tensor of shape \(3,\)"),
+    (lambda ps: 1.5, TypeError, "got float"),
+    (lambda ps: None, TypeError, "got NoneType"),
+], ids=["vector", "float", "none"])
+def test_hutchinson_says_what_is_wrong_with_the_loss(method, loss, error, match):
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(error, match=match):
+        hutchinson(loss, [w], method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("loss", [
+    lambda ps: torch.tensor(2.0, dtype=torch.float64),  # a constant
+    lambda ps: (ps[0].detach() ** 2).sum(),  # computed from the values, not through the parameter
+], ids=["constant", "detached"])
+def test_hutchinson_of_a_loss_that_ignores_the_parameters_is_zero(method, loss):
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    (est,) = hutchinson(loss, [w], method=method)
+    assert torch.equal(est, torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_hutchinson_accepts_a_one_element_loss(method):
+    # loss = sum(c * w^2): H = diag(2c), and u * (H u) = 2c for Rademacher u
+    c = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    (est,) = hutchinson(lambda ps: (c * ps[0] ** 2).sum().reshape(1, 1), [w], method=method)
+    assert torch.equal(est, 2 * c)
+
+
+def test_hutchinson_from_grads_refuses_a_count_mismatch():
+    w = torch.ones(3, requires_grad=True)
+    (g,) = torch.autograd.grad((w ** 3).sum(), [w], create_graph=True)
+    with pytest.raises(ValueError, match="1 gradients for 2 parameters"):
+        hutchinson_from_grads([g], [w, torch.ones(2, requires_grad=True)])
