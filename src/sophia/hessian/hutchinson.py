@@ -29,13 +29,18 @@ def hutchinson_from_grads(grads: Sequence[Tensor], params: Sequence[Tensor], *,
 
     ``grads`` must come from ``torch.autograd.grad(loss, params, create_graph=True)`` or
     ``loss.backward(create_graph=True)``. A gradient without a graph (it does not depend on
-    any parameter) contributes zero curvature. The estimates of ``n_probes`` probes are
-    averaged.
+    any parameter) contributes zero curvature, but if none carries a graph this raises
+    ``RuntimeError``: a forgotten ``create_graph=True`` looks the same as a linear loss. Use
+    :func:`hutchinson`, which sees the loss, to get zeros for a loss that is linear in (or does
+    not depend on) the parameters. The estimates of ``n_probes`` probes are averaged.
     """
     _check_n_probes(n_probes)
     check_distribution(distribution)
     params = list(params)
     grads = list(grads)
+    if len(grads) != len(params):
+        raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters: give one per parameter, "
+                         "in the same order (None for a parameter without one)")
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     if not live:
         raise RuntimeError(
@@ -64,7 +69,9 @@ def hutchinson(loss_fn: Callable[[Sequence[Tensor]], Tensor], params: Sequence[T
                generator: torch.Generator | None = None) -> list[Tensor]:
     """Hutchinson estimate of diag(H) of ``loss_fn`` at ``params``, one tensor per parameter.
 
-    ``loss_fn(params)`` returns the scalar loss computed from the given parameter tensors.
+    ``loss_fn(params)`` returns the scalar loss (a real tensor with one element) computed from
+    the given parameter tensors; anything else raises ``TypeError`` or ``ValueError``. A loss
+    that does not depend on the parameters, or only linearly, has H = 0: the estimate is zeros.
     Nothing is written to ``.grad`` and no graph outlives the call, so it needs no
     ``backward(create_graph=True)``. For an ``nn.Module``:
 
@@ -91,7 +98,9 @@ def hutchinson(loss_fn: Callable[[Sequence[Tensor]], Tensor], params: Sequence[T
     params = list(params)
     if method == "double_backward":
         with torch.enable_grad():
-            loss = loss_fn(params)
+            loss = _scalar_loss(loss_fn(params))
+            if not loss.requires_grad:  # a constant of the parameters: H is exactly zero
+                return [torch.zeros_like(p) for p in params]
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         if not any(g is not None and g.requires_grad for g in grads):
             # Gradients that depend on no parameter: the loss is linear and H is exactly zero.
@@ -102,7 +111,7 @@ def hutchinson(loss_fn: Callable[[Sequence[Tensor]], Tensor], params: Sequence[T
     primals = tuple(p.detach() for p in params)
 
     def grad_of(ps: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return torch.func.grad(lambda q: loss_fn(list(q)))(ps)
+        return torch.func.grad(lambda q: _scalar_loss(loss_fn(list(q))))(ps)
 
     est = [torch.zeros_like(p) for p in primals]
     for _ in range(n_probes):
@@ -123,6 +132,19 @@ def hutchinson(loss_fn: Callable[[Sequence[Tensor]], Tensor], params: Sequence[T
         for e in est:
             e.div_(n_probes)
     return est
+
+
+def _scalar_loss(loss: object) -> Tensor:
+    """The loss as a 0-d real tensor, or an error that says what loss_fn returned instead."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"loss_fn must return the loss as a tensor computed from the parameters it is "
+                        f"given, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar loss, got a tensor of shape {tuple(loss.shape)}; "
+                         "reduce it first (e.g. .mean() or .sum())")
+    if not loss.is_floating_point():
+        raise ValueError(f"loss_fn must return a real floating-point loss, got dtype {loss.dtype}")
+    return loss.reshape(())
 
 
 def _check_n_probes(n_probes: int) -> None:
