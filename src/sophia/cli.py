@@ -12,6 +12,25 @@ from sophia.lm.config import TrainConfig, TrainError
 # Settings that have their own, explicit options.
 _EXPLICIT = {"preset", "optimizer", "out_dir"}
 _TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
+_HELP = {
+    "corpus": "shakespeare, openwebtext, a text file or folder, or a prepared (or nanoGPT) data directory",
+    "tokenizer": "byte, gpt2 or bpe:N", "data_root": "where prepared datasets live",
+    "grad_accum": "micro-batches per step over all ranks", "batch_size": "sequences per micro-batch",
+    "lr_decay_steps": "end of the cosine decay (None: --max-steps)", "rho": "Sophia's clipping threshold",
+    "hessian_interval": "k: steps between Hessian refreshes (Sophia, AdaHessian)",
+    "hessian_batch_fraction": "fraction of the batch used for the Hessian estimate",
+    "dtype": "auto (bf16 autocast on CUDA), float32 or bfloat16", "device": "auto, cpu or cuda[:N]",
+    "compile": "torch.compile the model (default on CUDA)", "qk_norm": "RMSNorm of queries and keys per head",
+    "vocab_pad_multiple": "pad the embedding/head rows to a multiple (padded ids are never scored)",
+    "flush_denormal": "CPU: flush subnormal floats to zero during the run",
+    "attn_logit_warn": "warn when an attention logit passes this (0: never)",
+    "tf32": "CUDA: TF32 matmuls for fp32", "fused_optimizer": "CUDA: fused AdamW, SophiaG's CUDA-graph step",
+    "memory_check": "refuse a run whose estimated memory does not fit the device",
+    "device_memory_gib": "the device memory to plan for (default: the device's)",
+    "peak_tflops": "the device's peak for MFU (default: a table of known GPUs)",
+    "max_skipped_steps": "consecutive non-finite-gradient steps before the run stops",
+    "keep_checkpoints": "step-numbered checkpoints kept", "dist_timeout_min": "collective timeout in minutes",
+}
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -21,40 +40,113 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default tiny)")
     p.add_argument("--optimizer", default=None, help=f"one of {', '.join(OPTIMIZERS)} (default sophiag)")
     p.add_argument("--out-dir", default=None, help="run directory (default runs/PRESET-OPTIMIZER)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the checkpoint in --out-dir with its saved settings (only --max-steps, "
-                        "--eval-every, --checkpoint-every, --log-every, --progress, --device, --data-root may change)")
+    p.add_argument("--resume", nargs="?", const="yes", default=None, choices=["yes", "auto"],
+                   help="continue the newest readable checkpoint in --out-dir with its saved settings; `--resume "
+                        "auto` resumes when one exists and starts fresh otherwise (for torchrun --max-restarts). "
+                        "May change: --lr, --min-lr, --max-steps, --lr-decay-steps (recorded in metrics.jsonl; a new "
+                        "--max-steps keeps the schedule's length unless --lr-decay-steps is given) and the "
+                        "bookkeeping and speed flags")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (parameters, tokens per step, micro-batches per rank, estimated peak memory "
+                        "per device and whether it fits) without touching data or devices")
+    p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: plan for this many ranks (default: $WORLD_SIZE or 1)")
     group = p.add_argument_group("overrides of the preset (default: the preset's value)")
     for f in fields(TrainConfig):
         if f.name in _EXPLICIT:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        default = f.default
+        help_text = _HELP.get(f.name, "")
+        help_text = f"{help_text}{'; ' if help_text else ''}default: the preset's, else {default!r}"
+        if f.type in ("bool", "bool | None"):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, type=_TYPES[f.type], default=None, metavar=f.type.split()[0].upper())
+            group.add_argument(flag, dest=f.name, type=_TYPES[f.type], default=None, metavar=f.type.split()[0].upper(),
+                               help=help_text)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sophia.lm.checkpoint import load_checkpoint
+    import json
+    import os
+
+    from sophia.lm.checkpoint import has_checkpoint, load_checkpoint
     from sophia.lm.config import resolve_config, resume_config
-    from sophia.lm.train import format_summary, train
+    from sophia.lm.train import StopRequestedError, format_summary, train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _EXPLICIT}
+    if overrides.get("corpus") is not None:
+        overrides["corpus"] = _resolved_corpus(overrides["corpus"])
     preset, optimizer = args.preset or "tiny", args.optimizer or "sophiag"
     out_dir = args.out_dir or f"runs/{preset}-{optimizer}"
-    if args.resume:
+    resume: bool | str = {"yes": True, "auto": "auto", None: False}[args.resume]
+    changes: dict = {}
+    if resume is True or (resume == "auto" and has_checkpoint(out_dir)):
         saved = load_checkpoint(out_dir)["config"]
-        cfg = resume_config(saved, {**overrides, "preset": args.preset, "optimizer": args.optimizer})
+        cfg = resume_config(saved, {**overrides, "preset": args.preset, "optimizer": args.optimizer}, changes)
     else:
         cfg = resolve_config(preset, optimizer, overrides)
     cfg.out_dir = out_dir
-    summary = train(cfg, resume=args.resume)
-    import os
+    if args.json and not args.dry_run:
+        raise TrainError("--json goes with --dry-run")
+    if args.dry_run:
+        plan = _plan(cfg, args.world_size)
+        if args.json:
+            print(json.dumps(plan))
+        else:
+            from sophia.lm.memory import format_plan
 
+            print(format_plan(plan))
+        return 0
+    try:
+        summary = train(cfg, resume=resume, schedule_changes=changes)
+    except StopRequestedError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(str(e), file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
     return 0
+
+
+def _resolved_corpus(corpus: str) -> str:
+    """A corpus given as a path is stored absolute, so a resume from another directory reads the same file."""
+    from pathlib import Path
+
+    from sophia.lm.data import CORPORA
+
+    if corpus in CORPORA:
+        return corpus
+    return str(Path(corpus).expanduser().resolve())
+
+
+def _plan(cfg: TrainConfig, world_size: int | None) -> dict:
+    """The --dry-run plan; touches neither the data nor a device (CUDA is asked only for its memory size)."""
+    import os
+
+    import torch
+
+    from sophia.lm.memory import GiB, device_memory_bytes, plan_summary
+    from sophia.lm.train import _vocab_guess, use_bf16
+
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1:
+        raise TrainError(f"--world-size must be >= 1, got {world}")
+    if cfg.device == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    elif cfg.device == "cpu" or cfg.device.startswith("cuda"):
+        device_type = "cpu" if cfg.device == "cpu" else "cuda"
+    else:
+        raise TrainError(f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+    if cfg.device_memory_gib:
+        have = int(cfg.device_memory_gib * GiB)
+    elif device_type == "cpu" or torch.cuda.is_available():
+        have = device_memory_bytes(torch.device(device_type))
+    else:
+        have = None
+    return plan_summary(cfg, world_size=world, device_type=device_type, device_bytes=have,
+                        bf16=use_bf16(cfg, device_type), vocab=_vocab_guess(cfg.tokenizer))
 
 
 def _csv(text: str | None, kind):
@@ -85,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("sample", help="text from a trained model")
     sp.add_argument("--out-dir", required=True)
     sp.add_argument("--start", default="\n", help="prompt text")
-    sp.add_argument("--max-new-tokens", type=int, default=300)
-    sp.add_argument("--temperature", type=float, default=0.8)
+    sp.add_argument("--max-new-tokens", type=int, default=300, help="per sample, 1 to 100000 (default 300)")
+    sp.add_argument("--temperature", type=float, default=0.8,
+                    help="> 0 samples; 0: greedy, always the most likely token (default 0.8)")
     sp.add_argument("--top-k", type=int, default=200, help="0: no top-k filtering")
     sp.add_argument("--num-samples", type=int, default=1)
     sp.add_argument("--seed", type=int, default=0)
@@ -113,12 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--quick", action="store_true", help="a tiny parameter set, seconds")
     step.add_argument("--no-compiled", action="store_true", help="skip the compiled (fused) path")
     step.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    step.add_argument("--overwrite", action="store_true", help="replace the results already in --out-dir")
 
     ov = bench.add_parser("overhead", help="wall-clock cost of the Hessian estimate per training step")
     ov.add_argument("--out-dir", required=True)
     ov.add_argument("--presets", default="tiny,small", help="comma-separated (default tiny,small)")
     ov.add_argument("--steps", type=int, default=100, help="rounds; a multiple of 10 (default 100)")
     ov.add_argument("--quick", action="store_true", help="a one-layer tiny model, 20 rounds")
+    ov.add_argument("--overwrite", action="store_true", help="replace the results already in --out-dir")
     ovs = ov.add_argument_group("overrides of the presets' settings")
     for flag, kind in (("--device", str), ("--dtype", str), ("--corpus", str), ("--tokenizer", str),
                        ("--data-root", str), ("--batch-size", int), ("--grad-accum", int)):
@@ -145,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     toy = bench.add_parser("toy", help="GD, Adam, SignGD, Newton and SophiaG on small problems with exact curvature")
     toy.add_argument("--out-dir", required=True)
     toy.add_argument("--quick", action="store_true", help="4 lrs, at most 100 steps: seconds")
+    toy.add_argument("--overwrite", action="store_true", help="replace the results already in --out-dir")
 
     args = parser.parse_args(argv)
     command = "sophia " + shlex.join(sys.argv[1:] if argv is None else argv)  # what the reports record
@@ -152,13 +248,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args)
         if args.command == "sample":
-            from sophia.lm.sample import sample
+            from sophia.lm.sample import stream
 
-            for text in sample(args.out_dir, start=args.start, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                               num_samples=args.num_samples):
-                print(text)
-                print("-" * 40)
+            current = 0
+            for i, piece in stream(args.out_dir, start=args.start, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                                   num_samples=args.num_samples):
+                if i != current:  # the previous sample is complete
+                    print("\n" + "-" * 40, flush=True)
+                    current = i
+                print(piece, end="", flush=True)
+            print("\n" + "-" * 40, flush=True)
             return 0
         if args.command == "data":
             from pathlib import Path
@@ -183,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             from sophia.bench.step import main as step_main
 
             step_main(args.out_dir, args.preset, args.dtype, args.rounds, args.quick, not args.no_compiled,
-                      command=command, device=args.device)
+                      command=command, device=args.device, overwrite=args.overwrite)
             return 0
         if args.command == "bench" and args.bench == "overhead":
             if args.steps < 10 or args.steps % 10:
@@ -193,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {k: getattr(args, k) for k in ("device", "dtype", "corpus", "tokenizer", "data_root",
                                                        "batch_size", "grad_accum", "compile")}
             overhead_main(args.out_dir, [p for p in args.presets.split(",") if p], args.steps, args.quick,
-                          command=command, overrides=overrides)
+                          command=command, overrides=overrides, overwrite=args.overwrite)
             return 0
         if args.command == "bench" and args.bench == "converge":
             from sophia.bench.converge import main as converge_main
@@ -206,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench" and args.bench == "toy":
             from sophia.bench.toy import main as toy_main
 
-            toy_main(args.out_dir, quick=args.quick, command=command)
+            toy_main(args.out_dir, quick=args.quick, command=command, overwrite=args.overwrite)
             return 0
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sophia.lm.checkpoint import CHECKPOINT, load_checkpoint, read_metrics
+from sophia.lm.checkpoint import has_checkpoint, load_checkpoint, read_metrics
 from sophia.lm.config import RESUME_CHANGEABLE, resolve_config, resume_config
 from sophia.lm.train import format_summary, train
 
@@ -41,7 +41,7 @@ def main(max_steps: int | None = None, out_dir: str = "runs/demo", corpus: str |
                      "checkpoint_every": max(1, steps // 4), "corpus": corpus, "data_root": data_root,
                      "eval_batches": eval_batches}
         out = root / name
-        resume = (out / CHECKPOINT).exists()
+        resume = has_checkpoint(out)
         if resume:  # continue (or just report) the earlier demo run, with its own settings
             saved = load_checkpoint(out)["config"]
             cfg = resume_config(saved, {k: v for k, v in overrides.items() if k in RESUME_CHANGEABLE})

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sophia.bench.machine import machine_info
-from sophia.lm.checkpoint import CHECKPOINT, read_metrics
+from sophia.lm.checkpoint import has_checkpoint, read_metrics
 from sophia.lm.config import TrainError, resolve_config
 from sophia.lm.presets import QUICK_MODEL
 
@@ -108,7 +108,7 @@ class Sweep:
         if done.exists():
             return json.loads(done.read_text())
         d.mkdir(parents=True, exist_ok=True)
-        resume = (d / CHECKPOINT).exists()
+        resume = has_checkpoint(d)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.log(f"run {s.name}" + (" (resuming)" if resume else ""))
         with open(d / "log.txt", "a") as logf:

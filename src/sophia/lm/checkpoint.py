@@ -1,9 +1,17 @@
-"""Atomic checkpoints and the run's metrics log."""
+"""Atomic, rotated checkpoints and the run's metrics log.
+
+A run directory holds ``checkpoint-STEP.pt`` files (STEP zero-padded to 8 digits), the newest
+``keep`` of them; each is written to a temporary file, fsynced, renamed into place and the
+directory fsynced, so a kill at any moment leaves every earlier checkpoint whole. Loading picks
+the newest one that reads; a damaged newest one is reported and the next older one is used.
+``checkpoint.pt``, the single file earlier versions wrote, is still read (as the oldest).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,8 +20,40 @@ import torch
 
 from sophia.lm.config import TrainError
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.pt"  # the name earlier versions used (read, never written)
 METRICS = "metrics.jsonl"
+_NUMBERED = re.compile(r"checkpoint-(\d{8})\.pt")
+
+
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / f"checkpoint-{step:08d}.pt"
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """The run's checkpoints, newest first (step-numbered ones by step, then the legacy file)."""
+    d = Path(out_dir)
+    if not d.is_dir():
+        return []
+    numbered = sorted((p for p in d.iterdir() if _NUMBERED.fullmatch(p.name)), key=lambda p: p.name, reverse=True)
+    legacy = [d / CHECKPOINT] if (d / CHECKPOINT).is_file() else []
+    return numbered + legacy
+
+
+def has_checkpoint(out_dir: Path) -> bool:
+    return bool(list_checkpoints(out_dir))
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, writer) -> None:
@@ -26,19 +66,27 @@ def atomic_write_bytes(path: Path, writer) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def save_checkpoint(out_dir: Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(out_dir / CHECKPOINT, lambda f: torch.save(state, f))
+def save_checkpoint(out_dir: Path, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``checkpoint-STEP.pt`` atomically, then remove the step-numbered ones beyond the newest ``keep``."""
+    path = checkpoint_path(out_dir, int(state["step"]))
+    try:
+        atomic_write_bytes(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        raise TrainError(f"cannot write the checkpoint {path}: {e.strerror or e} (the earlier checkpoints are "
+                         "intact)") from None
+    numbered = [p for p in list_checkpoints(out_dir) if _NUMBERED.fullmatch(p.name)]
+    for old in numbered[max(1, keep):]:
+        old.unlink(missing_ok=True)
+    return path
 
 
-def load_checkpoint(out_dir: Path, purpose: str = "--resume") -> dict[str, Any]:
-    path = Path(out_dir) / CHECKPOINT
-    if not path.exists():
-        raise TrainError(f"{purpose}: no checkpoint at {path}")
+def _read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
@@ -49,6 +97,29 @@ def load_checkpoint(out_dir: Path, purpose: str = "--resume") -> dict[str, Any]:
     if missing:
         raise TrainError(f"checkpoint {path} lacks {sorted(missing)}: not written by sophia train")
     return ckpt
+
+
+def load_checkpoint(out_dir: Path, purpose: str = "--resume", log=None) -> dict[str, Any]:
+    """The newest readable checkpoint of ``out_dir``, with its file under the key ``"path"``.
+
+    Damaged newer ones are skipped (and reported through ``log``); when none reads, the error names
+    the newest."""
+    paths = list_checkpoints(out_dir)
+    if not paths:
+        raise TrainError(f"{purpose}: no checkpoint in {out_dir}")
+    first_error: TrainError | None = None
+    for path in paths:
+        try:
+            ckpt = _read_checkpoint(path)
+        except TrainError as e:
+            first_error = first_error or e
+            if log is not None:
+                log(f"warning: {e}; trying an older one")
+            continue
+        ckpt["path"] = str(path)
+        return ckpt
+    assert first_error is not None
+    raise first_error
 
 
 class MetricsLog:

@@ -31,6 +31,7 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True
     qk_norm: bool = False  # RMSNorm of q and k per head (not in the paper's GPT-2)
+    vocab_pad_multiple: int = 64  # embedding/head rows padded to a multiple (padded ids never scored)
     # batch and schedule
     batch_size: int = 32
     grad_accum: int = 1
@@ -56,10 +57,18 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"  # auto | float32 | bfloat16 (autocast)
-    compile: bool = False
+    compile: bool | None = None  # None: on for CUDA, off for CPU
     progress: bool = True
     flush_denormal: bool = True  # CPU only: subnormal floats to zero (restored after the run)
     attn_logit_warn: float = 300.0  # warn once when an attention logit exceeds this (0: never)
+    tf32: bool = True  # CUDA only: TensorFloat-32 for fp32 matmuls (restored after the run)
+    fused_optimizer: bool = True  # CUDA only: fused AdamW, SophiaG's CUDA-graph path
+    memory_check: bool = True
+    device_memory_gib: float | None = None  # None: the device's own
+    peak_tflops: float | None = None  # for MFU; None: from the table of known GPUs
+    max_skipped_steps: int = 10  # consecutive steps with a non-finite gradient before the run stops
+    keep_checkpoints: int = 2
+    dist_timeout_min: float = 30.0  # torch.distributed collective timeout
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,7 +79,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = ("block_size", "n_layer", "n_head", "n_embd", "batch_size", "grad_accum", "max_steps",
-                    "eval_every", "eval_batches", "checkpoint_every", "log_every", "hessian_interval")
+                    "eval_every", "eval_batches", "checkpoint_every", "log_every", "hessian_interval",
+                    "vocab_pad_multiple", "max_skipped_steps", "keep_checkpoints")
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -101,6 +111,10 @@ class TrainConfig:
             raise TrainError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
             raise TrainError(f"--eps must be a finite number > 0, got {self.eps!r}")
+        for name in ("device_memory_gib", "peak_tflops", "dist_timeout_min"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise TrainError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise TrainError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
@@ -129,16 +143,31 @@ def resolve_config(preset: str, optimizer: str, overrides: dict[str, Any] | None
     return cfg
 
 
-# Settings a resumed run may change without breaking its exactness (or, for max_steps, knowingly:
-# with lr_decay_steps unset the cosine schedule follows the new length).
-RESUME_CHANGEABLE = {"max_steps", "eval_every", "checkpoint_every", "log_every", "progress", "device", "data_root",
-                     "flush_denormal", "attn_logit_warn"}
+# Settings a resumed run may change. Those above the line leave the run exact; the schedule ones
+# (lr, min_lr, max_steps, lr_decay_steps) change the run knowingly and are recorded in metrics.jsonl.
+RESUME_CHANGEABLE = {"eval_every", "checkpoint_every", "log_every", "progress", "device", "data_root",
+                     "flush_denormal", "attn_logit_warn", "compile", "tf32", "fused_optimizer", "memory_check",
+                     "device_memory_gib", "peak_tflops", "max_skipped_steps", "keep_checkpoints", "dist_timeout_min",
+                     # --- these change what is trained:
+                     "max_steps", "lr", "min_lr", "lr_decay_steps"}
+SCHEDULE_CHANGES = ("max_steps", "lr", "min_lr", "lr_decay_steps")
+# Defaults for settings that did not exist when an older checkpoint was written (its behaviour then).
+_LEGACY_DEFAULTS = {"vocab_pad_multiple": 1, "qk_norm": False}
 
 
-def resume_config(saved: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The saved run's settings, with the explicitly given ones that a resume may change."""
-    values = {k: v for k, v in saved.items() if k in FIELD_NAMES}
-    for key, value in (overrides or {}).items():
+def resume_config(saved: dict[str, Any], overrides: dict[str, Any] | None = None,
+                  changes: dict[str, tuple[Any, Any]] | None = None) -> TrainConfig:
+    """The saved run's settings, with the explicitly given ones that a resume may change.
+
+    ``changes`` (if given) receives ``{setting: (saved, new)}`` for every schedule setting that differs.
+    A new ``--max-steps`` keeps the saved cosine schedule's length unless ``--lr-decay-steps`` is given
+    too: a run extended from 1000 to 2000 steps continues at min_lr rather than jumping back up."""
+    values = {**_LEGACY_DEFAULTS, **{k: v for k, v in saved.items() if k in FIELD_NAMES}}
+    overrides = dict(overrides or {})
+    if (overrides.get("max_steps") not in (None, values.get("max_steps")) and overrides.get("lr_decay_steps") is None
+            and values.get("lr_decay_steps") is None):
+        overrides["lr_decay_steps"] = values["max_steps"]  # keep the schedule's length
+    for key, value in overrides.items():
         if key not in FIELD_NAMES:
             raise TrainError(f"unknown setting {key!r}")
         if value is None or value == values.get(key):
@@ -147,6 +176,8 @@ def resume_config(saved: dict[str, Any], overrides: dict[str, Any] | None = None
             flag = "--" + key.replace("_", "-")
             raise TrainError(f"--resume continues the saved settings: {flag} was {values.get(key)!r}, not "
                              f"{value!r}; start a new run (another --out-dir) to change it")
+        if changes is not None and key in SCHEDULE_CHANGES:
+            changes[key] = (values.get(key), value)
         values[key] = value
     cfg = TrainConfig(**values)
     cfg.validate()

@@ -138,6 +138,9 @@ def prepare(corpus: str, tokenizer: str, data_root: Path, *, val_fraction: float
     _check_val_fraction(val_fraction)
     spec = canonical_spec(tokenizer)
     data_root = Path(data_root)
+    if corpus not in CORPORA and _is_dataset_dir(_absolute(corpus)):
+        log(f"{_absolute(corpus)}: a prepared dataset (train.bin, val.bin), used as it is with its own tokenizer")
+        return _absolute(corpus)
     if corpus in CORPORA:
         label = corpus
     else:
@@ -169,6 +172,30 @@ def prepare(corpus: str, tokenizer: str, data_root: Path, *, val_fraction: float
 
     return _prepare(target, label, spec, documents_and_separator, val_fraction=val_fraction, log=log,
                     check_source=check_source)
+
+
+def _is_dataset_dir(path: Path) -> bool:
+    """A directory that already holds token files (ours, or nanoGPT's train.bin/val.bin)."""
+    return path.is_dir() and (path / TRAIN_FILE).is_file() and (path / VAL_FILE).is_file()
+
+
+def dataset_ready(corpus: str, tokenizer: str, data_root: Path) -> Path | None:
+    """The directory ``prepare`` would return, if it is already complete (a cheap check, no building);
+    else None."""
+    if corpus not in CORPORA and _is_dataset_dir(_absolute(corpus)):
+        return _absolute(corpus)
+    try:
+        spec = canonical_spec(tokenizer)
+        target = Path(data_root) / dataset_name(corpus, spec)
+    except (ValueError, DataError):
+        return None
+    if not (target / META_FILE).is_file():
+        return None
+    try:
+        _checked_meta(target)
+    except DataError:
+        return None
+    return target
 
 
 def prepare_documents(documents: Iterable[str] | Any, tokenizer: str, data_root: Path, *, name: str,

@@ -38,9 +38,15 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     qk_norm: bool = False
+    vocab_pad_multiple: int = 1  # embedding rows and head outputs padded to a multiple (64: aligned matmuls)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return ((self.vocab_size + m - 1) // m) * m
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_pad_multiple"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
@@ -136,17 +142,22 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer; ``forward(idx, targets)`` returns (logits, mean loss or None)."""
+    """Decoder-only transformer; ``forward(idx, targets)`` returns (logits, mean loss or None).
+
+    With ``vocab_pad_multiple > 1`` the embedding and output head have ``padded_vocab_size`` rows
+    (GPT-2's 50257 becomes 50304, which tensor cores multiply faster) but the logits returned
+    cover the real vocabulary only, so no padded id is ever scored, sampled or generated.
+    """
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input and output embeddings
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: scaled init of residual projections
@@ -207,6 +218,9 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            # Padded classes are not tokens: out of the loss, the sampled labels and generation alike.
+            logits = logits[..., :self.config.vocab_size]
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())

@@ -29,14 +29,19 @@ class OptimizerSettings:
     hessian_interval: int = 10  # Sophia-G refresh period k; Sophia-H / AdaHessian update_period
 
 
-def build_optimizer(name: str, param_groups: list[dict], s: OptimizerSettings) -> torch.optim.Optimizer:
-    """``param_groups`` carry their own weight_decay (0 for vectors); other settings from ``s``."""
+def build_optimizer(name: str, param_groups: list[dict], s: OptimizerSettings, *, fused: bool = False,
+                    cuda_graph: bool = False) -> torch.optim.Optimizer:
+    """``param_groups`` carry their own weight_decay (0 for vectors); other settings from ``s``.
+
+    ``fused``: torch's fused AdamW kernel (CUDA); ``cuda_graph``: SophiaG's step replayed from a CUDA graph."""
     betas = (s.beta1, s.beta2)
     eps = {} if s.eps is None else {"eps": s.eps}
     if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=s.lr, betas=betas, weight_decay=s.weight_decay, **eps)
+        return torch.optim.AdamW(param_groups, lr=s.lr, betas=betas, weight_decay=s.weight_decay,
+                                 **({"fused": True} if fused else {}), **eps)
     if name == "sophiag":
-        return SophiaG(param_groups, lr=s.lr, betas=betas, rho=s.rho, weight_decay=s.weight_decay, **eps)
+        return SophiaG(param_groups, lr=s.lr, betas=betas, rho=s.rho, weight_decay=s.weight_decay,
+                       **({"cuda_graph": True} if cuda_graph else {}), **eps)
     if name == "sophiah":
         return SophiaH(param_groups, lr=s.lr, betas=betas, rho=s.rho, weight_decay=s.weight_decay,
                        update_period=s.hessian_interval, **eps)

@@ -2,22 +2,31 @@
 
 Step ``i`` (0-based) draws ``grad_accum`` micro-batches (over all ranks: under DDP each rank runs
 ``grad_accum / world_size`` of them, as the GPT-2 presets' 480 sequences per step assume),
-backpropagates their mean loss, clips
-the gradient norm, sets the scheduled lr and steps the optimizer. Sophia-G then refreshes its
+backpropagates their mean loss, clips the gradient norm, sets the scheduled lr and steps the
+optimizer, unless the gradient norm is not finite: then the step is skipped (parameters and
+optimizer state untouched), counted and logged, and after ``max_skipped_steps`` such steps in a row
+the run stops with its last good checkpoint intact. Sophia-G then refreshes its
 Gauss-Newton-Bartlett estimate after steps k-1, 2k-1, ... (the authors' schedule) on a fresh
 batch; Sophia-H hands a Hutchinson estimate over before its refresh steps. Every extra
 forward/backward is counted in the logs. Events of step ``i`` are logged with ``step = i+1``
 (steps completed); the checkpoint after it holds ``step = i+1``; a resumed run drops logged
 events after its checkpoint and continues bitwise as if never interrupted (on CPU).
+
+On CUDA the loop is built for throughput: compiled model (training and evaluation), bf16
+autocast, TF32 for fp32 matmuls, pinned and non-blocking batch copies with the next micro-batch
+prepared while the current one computes, losses summed on the device (one host sync per step, for
+the finite-gradient check, and one per logged step), fused AdamW and SophiaG's CUDA-graph step.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
+import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +34,9 @@ import torch
 import torch.distributed as dist
 
 from sophia.hessian import categorical_sampled_loss, hutchinson
-from sophia.lm.checkpoint import CHECKPOINT, MetricsLog, load_checkpoint, save_checkpoint
+from sophia.lm.checkpoint import METRICS, MetricsLog, has_checkpoint, load_checkpoint, save_checkpoint
 from sophia.lm.config import TrainConfig, TrainError
+from sophia.lm.memory import GiB, device_memory_bytes, estimate, fit_advice, flops_per_token, peak_tflops
 from sophia.lm.model import GPT, GPTConfig
 from sophia.lm.optimizers import NEEDS_CREATE_GRAPH, OptimizerSettings, build_optimizer, needs_create_graph
 from sophia.lm.tokenizers import parse_spec
@@ -43,34 +53,46 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
-class Distributed:
-    """Rank bookkeeping; initialises torch.distributed when launched by torchrun."""
+def resolve_device(device_pref: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """The device ``--device`` names (``auto``: CUDA when present); a TrainError for a bad or absent one."""
+    if device_pref == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif device_pref == "cpu" or device_pref.startswith("cuda"):
+        try:
+            device = torch.device(device_pref)
+        except RuntimeError:
+            raise TrainError(f"--device must be auto, cpu or cuda[:N], got {device_pref!r}") from None
+    else:
+        raise TrainError(f"--device must be auto, cpu or cuda[:N], got {device_pref!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device {device_pref}: CUDA is not available on this machine")
+        if world_size > 1:
+            device = torch.device("cuda", local_rank)
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise TrainError(f"--device {device_pref}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
-    def __init__(self, device_pref: str) -> None:
+
+class Distributed:
+    """Rank bookkeeping; the process group (torchrun) is formed by :meth:`start`, after the data is ready."""
+
+    def __init__(self, device_pref: str, timeout_min: float = 30.0) -> None:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_pref == "auto":
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        elif device_pref == "cpu" or device_pref.startswith("cuda"):
-            try:
-                device = torch.device(device_pref)
-            except RuntimeError:
-                raise TrainError(f"--device must be auto, cpu or cuda[:N], got {device_pref!r}") from None
-        else:
-            raise TrainError(f"--device must be auto, cpu or cuda[:N], got {device_pref!r}")
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise TrainError(f"--device {device_pref}: CUDA is not available on this machine")
-            if self.world_size > 1:
-                device = torch.device("cuda", self.local_rank)
-            elif device.index is None:
-                device = torch.device("cuda", torch.cuda.current_device())
-            torch.cuda.set_device(device)
-        self.device = device
+        self.device = resolve_device(device_pref, self.local_rank, self.world_size)
+        self.timeout_min = timeout_min
         self.enabled = self.world_size > 1
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if self.enabled and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=self.timeout_min))
 
     @property
     def main(self) -> bool:
@@ -79,6 +101,11 @@ class Distributed:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(t)
+        return t
 
     def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
         if self.enabled:
@@ -91,14 +118,6 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def _estimate_memory_bytes(cfg: TrainConfig, n_params: int, vocab: int) -> int:
-    weights_grads_state = 16 * n_params  # fp32 weights, grads, two state tensors
-    tokens = cfg.batch_size * cfg.block_size
-    per_layer = tokens * cfg.n_embd * 34 * 2 + 5 * cfg.n_head * tokens * cfg.block_size * 2
-    logits = tokens * vocab * 4 * 3
-    return weights_grads_state + cfg.n_layer * per_layer + logits
-
-
 def _vocab_guess(tokenizer: str) -> int:
     """The vocabulary a tokenizer spec gives, known before any data is read (GPT-2's if unsure)."""
     try:
@@ -108,43 +127,89 @@ def _vocab_guess(tokenizer: str) -> int:
     return {"byte": 256}.get(kind, n or 50257)
 
 
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
+def use_bf16(cfg: TrainConfig, device_type: str) -> bool:
+    if cfg.dtype == "bfloat16":
+        return True
+    if cfg.dtype == "auto" and device_type == "cuda":
+        return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+    return False
+
+
+def memory_estimate(cfg: TrainConfig, vocab: int, world_size: int, device_type: str, batch_size: int | None = None):
+    m = cfg.vocab_pad_multiple
+    return estimate(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                    vocab=((vocab + m - 1) // m) * m, batch_size=batch_size or cfg.batch_size,
+                    optimizer=cfg.optimizer, bf16=use_bf16(cfg, device_type), world_size=world_size, bias=cfg.bias,
+                    qk_norm=cfg.qk_norm, hessian_batch_fraction=cfg.hessian_batch_fraction,
+                    cuda=device_type == "cuda")
+
+
+@contextmanager
+def _tf32(enabled: bool):
+    """TF32 matmuls and convolutions for the block; the caller's settings afterwards."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+class StopRequestedError(Exception):
+    """SIGINT or SIGTERM arrived: the current step finished and a checkpoint was written."""
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, log=None) -> None:
+    def __init__(self, cfg: TrainConfig, *, resume: bool | str = False, log=None,
+                 schedule_changes: dict[str, tuple[Any, Any]] | None = None) -> None:
         self.cfg = cfg
-        self.resume = resume
-        self.dist = Distributed(cfg.device)
+        self.resume_mode = resume  # False, True, or "auto" (resume when a checkpoint exists)
+        self.dist = Distributed(cfg.device, cfg.dist_timeout_min)
         self.device = self.dist.device
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.out_dir = Path(cfg.out_dir)
+        self.schedule_changes = schedule_changes or {}
         self._attn_warned = False
+        self._stop_signal: int | None = None
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
 
     # -- set-up ---------------------------------------------------------------------------
     def _check_out_dir(self) -> None:
-        ckpt = self.out_dir / CHECKPOINT
-        if ckpt.exists() and not self.resume:
-            raise TrainError(f"{self.out_dir} already holds a checkpoint; pass --resume to continue it or choose "
-                             "another --out-dir (nothing was changed)")
-        if self.resume and not ckpt.exists():
-            raise TrainError(f"--resume: no checkpoint at {ckpt}")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise TrainError(f"--out-dir {self.out_dir} is a file, not a directory")
+        exists = has_checkpoint(self.out_dir)
+        if self.resume_mode == "auto":
+            self.resume = exists
+        else:
+            self.resume = bool(self.resume_mode)
+            if exists and not self.resume:
+                raise TrainError(f"{self.out_dir} already holds a checkpoint; pass --resume to continue it (or "
+                                 "--resume auto) or choose another --out-dir (nothing was changed)")
+            if self.resume and not exists:
+                raise TrainError(f"--resume: no checkpoint in {self.out_dir}")
 
     def _load_data(self):
-        from sophia.lm.data import DataError, load_dataset, prepare
+        """Prepare (if needed) and map the dataset, before any process group exists: under torchrun the
+        first local rank prepares while the others wait for the finished directory on the file system,
+        so nobody sits in a collective that could time out."""
+        from sophia.lm.data import DataError, dataset_ready, load_dataset, prepare
 
+        cfg = self.cfg
         try:
-            if self.dist.main:
-                ds_dir = prepare(self.cfg.corpus, self.cfg.tokenizer, Path(self.cfg.data_root), log=self.log)
-            self.dist.barrier()
-            if not self.dist.main:
-                ds_dir = prepare(self.cfg.corpus, self.cfg.tokenizer, Path(self.cfg.data_root), log=lambda m: None)
+            if not self.dist.enabled or self.dist.local_rank == 0:
+                ds_dir = prepare(cfg.corpus, cfg.tokenizer, Path(cfg.data_root),
+                                 log=self.log if self.dist.main else (lambda m: None))
+            else:
+                waited = 0.0
+                while (ds_dir := dataset_ready(cfg.corpus, cfg.tokenizer, Path(cfg.data_root))) is None:
+                    if waited % 60 == 0 and waited > 0:
+                        self.log(f"rank {self.dist.rank}: waiting for local rank 0 to prepare the dataset "
+                                 f"({waited / 60:.0f} min)")
+                    time.sleep(1.0)
+                    waited += 1.0
             return load_dataset(ds_dir)
         except DataError as e:
             raise TrainError(str(e)) from None
@@ -158,89 +223,137 @@ class Trainer:
         # Fewer micro-batches than ranks: each rank runs one, and the global batch grows (said at start).
         self.accum = max(1, cfg.grad_accum // world)
         self._check_out_dir()
-        ckpt = load_checkpoint(self.out_dir) if self.resume else None  # fail before any work
-        if ckpt is not None and ckpt.get("world_size", 1) != world:
-            raise TrainError(f"--resume: the checkpoint was written by {ckpt.get('world_size', 1)} rank(s), not "
-                             f"{world}; the data stream would differ")
-        if cfg.compile and cfg.optimizer in NEEDS_CREATE_GRAPH:
-            raise TrainError(f"--compile does not support the double backward that {cfg.optimizer} needs")
+        ckpt = load_checkpoint(self.out_dir, log=self.log if self.dist.main else None) if self.resume else None
+        if ckpt is not None:
+            saved_world = ckpt.get("world_size", 1)
+            if saved_world != world and (cfg.grad_accum < max(world, saved_world)):
+                raise TrainError(f"--resume: the checkpoint was written by {saved_world} rank(s), not {world}, and "
+                                 f"--grad-accum {cfg.grad_accum} is below one of them, so the global batch would "
+                                 "change; resume on the same number of ranks")
+        self.compile = cfg.compile if cfg.compile is not None else self.cuda
+        if self.compile and cfg.optimizer in NEEDS_CREATE_GRAPH:
+            if cfg.compile:
+                raise TrainError(f"--compile does not support the double backward that {cfg.optimizer} needs")
+            self.compile = False
         self._check_memory(_vocab_guess(cfg.tokenizer))  # before preparing data, which can take long
         self.data = self._load_data()
+        self.dist.start()
         if len(self.data.train) <= cfg.block_size + 1 or len(self.data.val) <= cfg.block_size + 1:
             raise TrainError(f"the dataset is too small for --block-size {cfg.block_size}")
         self.model_config = GPTConfig(block_size=cfg.block_size, vocab_size=self.data.vocab_size,
                                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                      dropout=cfg.dropout, bias=cfg.bias, qk_norm=cfg.qk_norm)
+                                      dropout=cfg.dropout, bias=cfg.bias, qk_norm=cfg.qk_norm,
+                                      vocab_pad_multiple=cfg.vocab_pad_multiple)
         self._check_memory(self.data.vocab_size)
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.model_config).to(self.device)
         # Dropout differs per rank (identical streams would correlate the ranks' noise).
         torch.manual_seed(cfg.seed + 7919 * self.dist.rank)
         self.raw_model = self.model
+        self.eval_model = self.raw_model
+        if self.compile:
+            self.model = self.eval_model = torch.compile(self.raw_model)
         if self.dist.enabled:
             if cfg.optimizer == "adahessian":
                 raise TrainError("adahessian needs backward(create_graph=True), which DDP does not support")
             self.model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.compile:
-            self.model = torch.compile(self.model)
+                self.model, device_ids=[self.device.index] if self.cuda else None)
         settings = OptimizerSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2,
                                      rho=cfg.rho, eps=cfg.eps, hessian_interval=cfg.hessian_interval)
-        self.opt = build_optimizer(cfg.optimizer, self.raw_model.param_groups(cfg.weight_decay), settings)
+        fast = cfg.fused_optimizer and self.cuda
+        self.opt = build_optimizer(cfg.optimizer, self.raw_model.param_groups(cfg.weight_decay), settings,
+                                   fused=fast and cfg.optimizer == "adamw",
+                                   cuda_graph=fast and cfg.optimizer == "sophiag")
+        # The CUDA-graph step replays on the same gradient tensors: keep them, zeroed in place.
+        self.grads_to_none = not (fast and cfg.optimizer == "sophiag")
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
         from sophia.lm.data import fixed_batches
 
         self.val_batches = fixed_batches(self.data.val, cfg.batch_size, cfg.block_size, cfg.eval_batches,
                                          seed=1234)
-        use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.type == "cuda"
-                                               and torch.cuda.is_bf16_supported())
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
-        self.amp_dtype = "bfloat16" if use_bf16 else "float32"
-        self.counters = {"step": 0, "tokens": 0, "train_passes": 0, "hessian_passes": 0, "elapsed": 0.0}
+        bf16 = use_bf16(cfg, self.device.type)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        self.amp_dtype = "bfloat16" if bf16 else "float32"
+        self.flops_per_token = flops_per_token(self.raw_model.num_parameters(non_embedding=True), cfg.n_layer,
+                                               cfg.n_embd, cfg.block_size)
+        self.peak_tflops = cfg.peak_tflops or peak_tflops(self.device)
+        self.counters = {"step": 0, "tokens": 0, "train_passes": 0, "hessian_passes": 0, "elapsed": 0.0,
+                         "skipped_steps": 0}
+        self.consecutive_skips = 0
         self.metrics = MetricsLog(self.out_dir, enabled=self.dist.main)
         if ckpt is not None:
             self._restore(ckpt)
         elif self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            old = self.out_dir / METRICS
+            if old.exists():  # an earlier run's log without a checkpoint: kept, under another name
+                kept = self.out_dir / f"{METRICS}.{time.strftime('%Y%m%d-%H%M%S')}.old"
+                old.rename(kept)
+                self.log(f"{old} (from an earlier run without a checkpoint) was kept as {kept.name}")
         if self.dist.main:
-            for stale in self.out_dir.glob(f".{CHECKPOINT}.*.tmp"):  # left by a kill during a save
+            for stale in self.out_dir.glob(".checkpoint*.tmp"):  # left by a kill during a save
                 stale.unlink(missing_ok=True)
 
     def _check_memory(self, vocab: int) -> None:
         cfg = self.cfg
-        mc = GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                       n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
-        with torch.device("meta"):
-            n_params = GPT(mc).num_parameters(non_embedding=False)
-        need, have = _estimate_memory_bytes(cfg, n_params, vocab), _available_bytes(self.device)
-        if need > 0.9 * have:
-            raise TrainError(f"preset {cfg.preset} needs about {need / 2**30:.1f} GiB on {self.device} "
-                             f"({n_params / 1e6:.0f}M parameters, batch {cfg.batch_size}x{cfg.block_size}) but "
-                             f"the device has {have / 2**30:.1f} GiB; lower --batch-size or --block-size, or use a "
-                             "smaller preset")
+        if not cfg.memory_check:
+            return
+        est = memory_estimate(cfg, vocab, self.dist.world_size, self.device.type)
+        have = int(cfg.device_memory_gib * GiB) if cfg.device_memory_gib else device_memory_bytes(self.device)
+        if est.total > 0.9 * have:
+            advice = fit_advice(lambda b: memory_estimate(cfg, vocab, self.dist.world_size, self.device.type, b),
+                                cfg.batch_size, cfg.grad_accum, self.dist.world_size, int(0.9 * have))
+            raise TrainError(f"{cfg.preset} with {cfg.optimizer} needs about {est.total / GiB:.1f} GiB per device on "
+                             f"{self.device} ({est.parameters / 1e6:.0f}M parameters, micro-batch {cfg.batch_size}x"
+                             f"{cfg.block_size}) but the device has {have / GiB:.1f} GiB (90% usable); try {advice}, "
+                             "or --no-memory-check to run anyway (`--dry-run` shows the estimate's parts)")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         saved = ckpt["config"]
-        for key in ("optimizer", "n_layer", "n_head", "n_embd", "block_size", "bias", "qk_norm", "corpus",
-                    "tokenizer"):
-            if saved.get(key, False if key == "qk_norm" else None) != getattr(self.cfg, key):
+        legacy = {"qk_norm": False, "vocab_pad_multiple": 1}
+        for key in ("optimizer", "n_layer", "n_head", "n_embd", "block_size", "bias", "qk_norm", "vocab_pad_multiple",
+                    "corpus", "tokenizer"):
+            if saved.get(key, legacy.get(key)) != getattr(self.cfg, key):
                 raise TrainError(f"--resume: the checkpoint was trained with {key}={saved.get(key)!r}, "
                                  f"not {getattr(self.cfg, key)!r}")
+        self._check_same_dataset(ckpt)
         try:
             self.raw_model.load_state_dict(ckpt["model"])
             self.opt.load_state_dict(ckpt["optimizer"])
-            self.counters = dict(ckpt["counters"])
+            self.counters = {**self.counters, **ckpt["counters"]}
             rng = ckpt["rng"]
-            torch.set_rng_state(rng["torch_per_rank"][self.dist.rank])
+            per_rank = rng["torch_per_rank"]
+            if self.dist.rank < len(per_rank):
+                torch.set_rng_state(per_rank[self.dist.rank])
             self.data_gen.set_state(rng["data"])
-            if self.device.type == "cuda" and "cuda_per_rank" in rng:
+            if self.cuda and "cuda_per_rank" in rng and self.dist.rank < len(rng["cuda_per_rank"]):
                 torch.cuda.set_rng_state(rng["cuda_per_rank"][self.dist.rank], self.device)
         except (KeyError, IndexError, RuntimeError, ValueError) as e:
-            raise TrainError(f"--resume: the checkpoint in {self.out_dir} does not fit this run "
+            raise TrainError(f"--resume: the checkpoint {ckpt.get('path', self.out_dir)} does not fit this run "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         self.metrics.truncate_after(self.counters["step"])
-        self.log(f"resumed {self.out_dir} at step {self.counters['step']}")
+        saved_world = ckpt.get("world_size", 1)
+        self.log(f"resumed {self.out_dir} at step {self.counters['step']} from {Path(ckpt['path']).name}")
+        if saved_world != self.dist.world_size and self.dist.main:
+            self.log(f"the checkpoint was written by {saved_world} rank(s), this run has {self.dist.world_size}: "
+                     "every step trains on the same windows (the global batch is split differently), but the "
+                     "labels Sophia-G samples, dropout masks and float summation order differ, so the run is not "
+                     "bitwise the one it would have been")
+        self._resume_event = {"from_checkpoint": Path(ckpt["path"]).name, "world_size": self.dist.world_size,
+                              "saved_world_size": saved_world,
+                              "changes": {k: {"was": a, "now": b} for k, (a, b) in self.schedule_changes.items()}}
+
+    def _check_same_dataset(self, ckpt: dict[str, Any]) -> None:
+        """The data a resumed run reads must be the data the checkpoint trained on."""
+        saved = ckpt.get("dataset")
+        if not saved:
+            return
+        meta = self.data.meta
+        for key in ("source_sha256", "train_tokens", "val_tokens", "vocab_size", "tokenizer"):
+            if saved.get(key) is not None and meta.get(key) is not None and saved[key] != meta[key]:
+                raise TrainError(f"--resume: the dataset at {self.data.dir} is not the one the checkpoint trained on "
+                                 f"({key} {meta.get(key)!r}, was {saved[key]!r} at {saved.get('dir')}); point "
+                                 "--data-root at the original data")
 
     def _gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         if not self.dist.enabled:
@@ -249,20 +362,38 @@ class Trainer:
         dist.all_gather_object(out, t)
         return out
 
+    def _state_is_finite(self) -> bool:
+        tensors = [p for p in self.raw_model.parameters()]
+        for state in self.opt.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
+        flags = torch.stack([torch.isfinite(t).all() for t in tensors if t.numel()])
+        return bool(flags.all().item())
+
     def _checkpoint(self) -> None:
-        """Written by rank 0, with every rank's RNG state (a collective: all ranks call it)."""
+        """Written by rank 0, with every rank's RNG state (a collective: all ranks call it). Never with
+        non-finite weights or optimizer state: the run stops instead, its earlier checkpoints intact."""
+        if not self._state_is_finite():
+            self._event(event="diverged", reason="non-finite weights or optimizer state")
+            raise TrainError(f"the weights or optimizer state are not finite at step {self.counters['step']}; no "
+                             f"checkpoint was written and the earlier ones in {self.out_dir} are intact: resume with "
+                             "--resume and a lower --lr" + (" or a larger --rho" if self.cfg.optimizer.startswith(
+                                 "sophia") else ""))
         rng = {"torch_per_rank": self._gather(torch.get_rng_state()), "data": self.data_gen.get_state()}
-        if self.device.type == "cuda":
+        if self.cuda:
             rng["cuda_per_rank"] = self._gather(torch.cuda.get_rng_state(self.device))
         if not self.dist.main:
             return
+        meta = self.data.meta
         save_checkpoint(self.out_dir, {
             "model": self.raw_model.state_dict(), "optimizer": self.opt.state_dict(),
             "step": self.counters["step"], "counters": dict(self.counters), "config": self.cfg.to_dict(),
             "model_config": self.model_config.to_dict(), "rng": rng,
             "schedule": {"lr": lr_at(self.counters["step"], self.cfg)}, "data_position": rng["data"],
             "dataset_dir": str(Path(self.data.dir).resolve()), "world_size": self.dist.world_size,
-        })
+            "dataset": {"dir": str(Path(self.data.dir).resolve()),
+                        **{k: meta.get(k) for k in ("source_sha256", "train_tokens", "val_tokens", "vocab_size",
+                                                     "tokenizer")}},
+        }, keep=self.cfg.keep_checkpoints)
 
     # -- pieces of a step -----------------------------------------------------------------
     def _batch(self, batch_size: int):
@@ -270,36 +401,41 @@ class Trainer:
 
         x, y = get_batch(self.data.train, batch_size, self.cfg.block_size, self.data_gen,
                          rank=self.dist.rank, world_size=self.dist.world_size)
-        return x.to(self.device), y.to(self.device)
+        if self.cuda:  # pinned memory: the copy runs asynchronously, overlapping the computation
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x, y
 
     def _hessian_batch_size(self) -> int:
         return max(1, round(self.cfg.batch_size * self.cfg.hessian_batch_fraction))
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        self.model.eval()
-        total = 0.0
-        for x, y in self.val_batches:
+        """Mean loss over the fixed validation batches, split across ranks (rank r takes batches r, r+W, ...):
+        the same mean as one process computes (a collective: every rank calls it)."""
+        self.eval_model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for j in range(self.dist.rank, len(self.val_batches), self.dist.world_size):
+            x, y = self.val_batches[j]
             with self.autocast:
-                _, loss = self.raw_model(x.to(self.device), y.to(self.device))
-            total += loss.item()
-        self.model.train()
-        loss = torch.tensor(total / len(self.val_batches), device=self.device)
-        self.dist.all_reduce_mean_([loss])
-        return loss.item()
+                _, loss = self.eval_model(x.to(self.device), y.to(self.device))
+            total += loss.double()
+        self.eval_model.train()
+        self.dist.all_reduce_sum_(total)
+        return (total / len(self.val_batches)).item()
 
     @torch.no_grad()
     def attention_stats(self) -> dict[str, list[float]]:
         """Per-layer largest attention logit and attention entropy on the first validation batch
-        (one extra forward at evaluations only; the same weights on every rank)."""
+        (one extra forward at evaluations, on rank 0 only: every rank holds the same weights)."""
+        if not self.dist.main:
+            return {}
         self.raw_model.eval()
         with self.autocast:
             stats = self.raw_model.attention_stats(self.val_batches[0][0].to(self.device))
         self.raw_model.train()
         stats = {k: [round(v, 4) for v in vals] for k, vals in stats.items()}
         worst = max(stats["attn_max_logit"], default=0.0)
-        if (self.cfg.attn_logit_warn > 0 and worst > self.cfg.attn_logit_warn and self.dist.main
-                and not self._attn_warned):
+        if self.cfg.attn_logit_warn > 0 and worst > self.cfg.attn_logit_warn and not self._attn_warned:
             self._attn_warned = True
             self.log(f"warning: an attention logit reached {worst:,.0f} (above --attn-logit-warn "
                      f"{self.cfg.attn_logit_warn:g}): attention is saturating (entropy per layer "
@@ -313,10 +449,13 @@ class Trainer:
         key = ((self.cfg.seed * 1_000_003 + self.counters["step"]) * 1009 + self.dist.rank) * 101 + micro
         return torch.Generator(device=self.device).manual_seed(key % (2**63 - 1))
 
+    def _zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=self.grads_to_none)
+
     def _gnb_refresh(self) -> None:
         """Sampled-label backward over the whole (or a fraction of the) global batch, then N*g**2."""
         cfg = self.cfg
-        self.opt.zero_grad(set_to_none=True)
+        self._zero_grad()
         n_local = 0
         bs = self._hessian_batch_size()
         for micro in range(self.accum):
@@ -325,12 +464,13 @@ class Trainer:
             with sync, self.autocast:
                 logits, _ = self.model(x)
                 sampled = categorical_sampled_loss(logits, generator=self._label_generator(micro))
+            del logits
             (sampled.loss / self.accum).backward()
             n_local += sampled.n
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
         self.opt.update_hessian(bs=n_local * self.dist.world_size)
-        self.opt.zero_grad(set_to_none=True)
+        self._zero_grad()
         self.counters["hessian_passes"] += self.accum * self.dist.world_size * bs / cfg.batch_size
 
     def _hutchinson_refresh(self) -> None:
@@ -350,7 +490,17 @@ class Trainer:
         # a forward and backward with graph, then the Hessian-vector product (about one more backward)
         self.counters["hessian_passes"] += 2 * self.dist.world_size * self._hessian_batch_size() / cfg.batch_size
 
-    def train_step(self, i: int) -> tuple[float, float]:
+    def _grad_norm(self) -> torch.Tensor:
+        """The global gradient norm (clipping to --grad-clip when it is > 0), on the device."""
+        params = [p for p in self.raw_model.parameters() if p.grad is not None]
+        if self.cfg.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        if not params:
+            return torch.zeros((), device=self.device)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+
+    def train_step(self, i: int) -> tuple[torch.Tensor, float, bool]:
+        """One optimizer step; returns (mean training loss on this rank as a device tensor, lr, skipped)."""
         cfg = self.cfg
         lr = lr_at(i, cfg)
         for group in self.opt.param_groups:
@@ -359,19 +509,28 @@ class Trainer:
             self._hutchinson_refresh()
         create_graph = needs_create_graph(cfg.optimizer, i, cfg.hessian_interval)
         attention = self.raw_model.use_attention("math") if create_graph else nullcontext()
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         with attention:
+            nxt = self._batch(cfg.batch_size)
             for micro in range(self.accum):
-                x, y = self._batch(cfg.batch_size)
+                x, y = nxt
                 sync = self.model.no_sync() if self.dist.enabled and micro < self.accum - 1 else nullcontext()
-                with sync, self.autocast:
-                    _, loss = self.model(x, y)
-                (loss / self.accum).backward(create_graph=create_graph)
-                total += loss.item()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+                with sync:
+                    with self.autocast:
+                        _, loss = self.model(x, y)
+                    if micro < self.accum - 1:  # the next copy starts while this backward runs
+                        nxt = self._batch(cfg.batch_size)
+                    (loss / self.accum).backward(create_graph=create_graph)
+                total += loss.detach()
+        norm = self._grad_norm()
+        skipped = not bool(torch.isfinite(norm).item())  # the same on every rank: gradients are all-reduced
+        if skipped:
+            self.counters["skipped_steps"] += 1
+            self.consecutive_skips += 1
+        else:
+            self.opt.step()
+            self.consecutive_skips = 0
+        self._zero_grad()
         self.counters["train_passes"] += self.accum * self.dist.world_size
         if create_graph:
             # the Hessian-vector product's backward
@@ -380,9 +539,8 @@ class Trainer:
             self._gnb_refresh()
         self.counters["step"] = i + 1
         self.counters["tokens"] += cfg.batch_size * cfg.block_size * self.accum * self.dist.world_size
-        loss = torch.tensor(total / self.accum, device=self.device)
-        self.dist.all_reduce_mean_([loss])
-        return loss.item(), lr
+        self._last_grad_norm = norm
+        return total / self.accum, lr, skipped
 
     def _diagnostics(self, full: bool = True) -> dict[str, Any]:
         """Sophia's refresh counters always; the win rate and Hessian norm (a pass over the state) if full."""
@@ -400,67 +558,156 @@ class Trainer:
         self.metrics.write(event)
         return event
 
+    def _speed(self, tokens: float, seconds: float) -> dict[str, float]:
+        if seconds <= 0 or tokens <= 0:
+            return {}
+        out = {"tokens_per_s": round(tokens / seconds, 1)}
+        if self.peak_tflops:
+            out["mfu"] = round(tokens / seconds * self.flops_per_token / (self.peak_tflops * 1e12), 4)
+        return out
+
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         from sophia.denormal import flush_denormals
 
-        flush = self.cfg.flush_denormal and self.device.type == "cpu"
         try:
-            with flush_denormals(True) if flush else nullcontext():
+            with ExitStack() as stack:
+                if self.cfg.flush_denormal and self.device.type == "cpu":
+                    stack.enter_context(flush_denormals(True))
+                if self.cuda:
+                    stack.enter_context(_tf32(self.cfg.tf32))
+                stack.enter_context(self._signals())
                 self.setup()
                 return self._loop()
         finally:
             self.dist.close()
+
+    @contextmanager
+    def _signals(self):
+        """SIGINT and SIGTERM (a cluster's notice before pre-emption) finish the current step, write a
+        checkpoint and stop; a second signal interrupts at once. Only in the main thread."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            if self.dist.main:
+                self.log(f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+                         "(send it again to stop at once)")
+
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in before:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in before.items():
+                signal.signal(s, h)
+
+    def _stop_now(self) -> bool:
+        """Whether any rank received a stop signal (a collective under DDP, so all ranks stop together)."""
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
+        if self.dist.enabled:
+            dist.all_reduce(flag)
+        return bool(flag.item() > 0)
 
     def _loop(self) -> dict[str, Any]:
         cfg = self.cfg
         if not self.resume:
             if self.dist.main:
                 self.log(f"training {cfg.preset} ({self.raw_model.num_parameters() / 1e6:.2f}M parameters) with "
-                         f"{cfg.optimizer} for {cfg.max_steps} steps on {self.device} ({self.amp_dtype}), "
+                         f"{cfg.optimizer} for {cfg.max_steps} steps on {self.device} ({self.amp_dtype}"
+                         f"{', compiled' if self.compile else ''}), "
                          f"{cfg.batch_size * cfg.block_size * self.accum * self.dist.world_size} tokens per step")
             self._event(event="start", config=cfg.to_dict(), parameters=self.raw_model.num_parameters(),
-                        world_size=self.dist.world_size, device=str(self.device))
+                        world_size=self.dist.world_size, device=str(self.device),
+                        flops_per_token=self.flops_per_token, peak_tflops=self.peak_tflops)
             self._event(event="eval", val_loss=self.evaluate(), lr=lr_at(0, cfg),
                         **self.attention_stats())  # evaluate is a collective
             if cfg.grad_accum < self.dist.world_size and self.dist.main:
                 self.log(f"--grad-accum {cfg.grad_accum} < {self.dist.world_size} ranks: one micro-batch per rank")
             self._checkpoint()  # step 0: a run killed before its first periodic checkpoint can resume
         start_step = self.counters["step"]
+        if start_step >= cfg.max_steps:
+            if self.dist.main:
+                self.log(f"nothing to do: the checkpoint is at step {start_step} and --max-steps is {cfg.max_steps}; "
+                         "give a larger --max-steps to train further")
+            return self.summary(record=False)
+        if self.resume:
+            self._event(event="resume", **self._resume_event)
+            for key, (was, now) in self.schedule_changes.items():
+                if self.dist.main:
+                    self.log(f"--resume with {key} {now} (was {was}): recorded in {METRICS}")
         bar = None
-        if self.dist.main and cfg.progress and start_step < cfg.max_steps:
+        if self.dist.main and cfg.progress:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
                        mininterval=1.0)
         last_val = None
+        # Throughput over a window that leaves out compilation and the first steps after (re)start.
+        warm_step = start_step + min(10, max(1, (cfg.max_steps - start_step) // 5))
+        self._speed_mark: tuple[float, float] | None = None
+        interval_mark = (self.counters["tokens"], self.counters["elapsed"])
         t_last = time.perf_counter()
         try:
             for i in range(start_step, cfg.max_steps):
-                loss, lr = self.train_step(i)
+                loss, lr, skipped = self.train_step(i)
                 now = time.perf_counter()
                 self.counters["elapsed"] += now - t_last
                 t_last = now
                 step = i + 1
-                if not math.isfinite(loss):
-                    self._event(event="diverged", train_loss=loss, lr=lr)
-                    raise TrainError(f"training diverged at step {step} (loss {loss}); try a lower --lr"
-                                     + (" or a larger --rho" if cfg.optimizer.startswith("sophia") else ""))
+                if skipped:
+                    self._event(event="skipped", lr=lr, grad_norm=float(self._last_grad_norm.item()),
+                                consecutive=self.consecutive_skips, skipped_steps=self.counters["skipped_steps"])
+                    if self.dist.main:
+                        self.log(f"step {step}: the gradient norm is not finite; step skipped (weights and optimizer "
+                                 f"state unchanged; {self.consecutive_skips} in a row)")
+                    if self.consecutive_skips >= cfg.max_skipped_steps:
+                        self._event(event="diverged", lr=lr, skipped_steps=self.counters["skipped_steps"])
+                        raise TrainError(
+                            f"training diverged: {self.consecutive_skips} steps in a row (up to step {step}) had a "
+                            f"non-finite gradient; the last good checkpoint in {self.out_dir} is intact: continue it "
+                            "with --resume and a lower --lr"
+                            + (" or a larger --rho" if cfg.optimizer.startswith("sophia") else ""))
+                if step == warm_step:
+                    self._speed_mark = (self.counters["tokens"], self.counters["elapsed"])
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    mean = loss.clone()  # this step's loss, averaged over its micro-batches and the ranks
+                    self.dist.all_reduce_mean_([mean])
+                    train_loss = mean.item()  # the host sync of a logged step
+                    self.counters["elapsed"] += time.perf_counter() - t_last  # now that the device caught up
+                    t_last = time.perf_counter()
                     extra = self._diagnostics(full=step % cfg.eval_every == 0 or step == cfg.max_steps)
-                    self._event(event="train", train_loss=loss, lr=lr, **extra)
+                    speed = self._speed(self.counters["tokens"] - interval_mark[0],
+                                        self.counters["elapsed"] - interval_mark[1])
+                    interval_mark = (self.counters["tokens"], self.counters["elapsed"])
+                    self._event(event="train", train_loss=train_loss, lr=lr,
+                                grad_norm=round(float(self._last_grad_norm.item()), 6),
+                                skipped_steps=self.counters["skipped_steps"], **speed, **extra)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val:.3f}" if last_val else "-",
+                                        tok_s=f"{speed.get('tokens_per_s', 0):,.0f}", refresh=False)
                 if step % cfg.eval_every == 0 or step == cfg.max_steps:
                     last_val = self.evaluate()
                     self._event(event="eval", val_loss=last_val, lr=lr, **self.attention_stats())
-                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                stop = self._stop_now() if (self._stop_signal is not None or self.dist.enabled) else False
+                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop:
                     self._checkpoint()
+                if stop:
+                    self._event(event="stopped", signal=signal.Signals(self._stop_signal or signal.SIGTERM).name)
+                    raise StopRequestedError(f"stopped at step {step} on request; checkpoint written in "
+                                             f"{self.out_dir}. Continue with: sophia train --out-dir "
+                                             f"{self.out_dir} --resume")
                 t_last = time.perf_counter()  # evaluation and checkpoints are not training time
                 if bar is not None:
-                    tok_s = self.counters["tokens"] / max(self.counters["elapsed"], 1e-9)
-                    bar.set_postfix(loss=f"{loss:.3f}", val=f"{last_val:.3f}" if last_val else "-",
-                                    tok_s=f"{tok_s:,.0f}", refresh=False)
                     bar.update(1)
-            if self.dist.enabled and start_step < cfg.max_steps:
+            if self.dist.enabled:
                 self._check_ranks_identical()
         finally:
             if bar is not None:
@@ -478,27 +725,41 @@ class Trainer:
         if not same:
             raise TrainError("the ranks ended with different weights")
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, record: bool = True) -> dict[str, Any]:
         from sophia.lm.checkpoint import read_metrics
 
-        events = read_metrics(self.out_dir) if (self.out_dir / "metrics.jsonl").exists() else []
+        events = read_metrics(self.out_dir) if (self.out_dir / METRICS).exists() else []
         evals = [e for e in events if e.get("event") == "eval"]
         c = self.counters
-        return {"out_dir": str(self.out_dir), "optimizer": self.cfg.optimizer, "preset": self.cfg.preset,
-                "steps": c["step"], "tokens": c["tokens"], "elapsed": c["elapsed"],
-                "train_passes": c["train_passes"], "hessian_passes": c["hessian_passes"],
-                "final_val_loss": evals[-1]["val_loss"] if evals else None,
-                "best_val_loss": min((e["val_loss"] for e in evals), default=None),
-                **{k: evals[-1][k] for k in ("attn_max_logit", "attn_entropy") if evals and k in evals[-1]},
-                **self._diagnostics()}
+        out = {"out_dir": str(self.out_dir), "optimizer": self.cfg.optimizer, "preset": self.cfg.preset,
+               "steps": c["step"], "tokens": c["tokens"], "elapsed": c["elapsed"],
+               "train_passes": c["train_passes"], "hessian_passes": c["hessian_passes"],
+               "skipped_steps": c.get("skipped_steps", 0),
+               "final_val_loss": evals[-1]["val_loss"] if evals else None,
+               "best_val_loss": min((e["val_loss"] for e in evals), default=None),
+               **{k: evals[-1][k] for k in ("attn_max_logit", "attn_entropy") if evals and k in evals[-1]},
+               **self._diagnostics()}
+        mark = getattr(self, "_speed_mark", None)
+        if mark is not None:
+            steady = self._speed(c["tokens"] - mark[0], c["elapsed"] - mark[1])
+            out.update({f"steady_{k}": v for k, v in steady.items()})
+        if record and self.dist.main and events:
+            self.metrics.write({"step": c["step"], "event": "summary", **{k: v for k, v in out.items()
+                                                                            if k != "out_dir"}})
+        return out
 
 
 def format_summary(s: dict[str, Any]) -> str:
+    speed = f"{s['tokens'] / max(s['elapsed'], 1e-9):,.0f} tokens/s"
+    if "steady_tokens_per_s" in s:
+        speed = f"{s['steady_tokens_per_s']:,.0f} tokens/s after warm-up"
+        if "steady_mfu" in s:
+            speed += f", MFU {100 * s['steady_mfu']:.1f}%"
     lines = [f"run        {s['out_dir']}  ({s['preset']}, {s['optimizer']})",
-             f"steps      {s['steps']}  tokens {s['tokens']:,}  time {s['elapsed']:.1f}s  "
-             f"({s['tokens'] / max(s['elapsed'], 1e-9):,.0f} tokens/s)",
+             f"steps      {s['steps']}  tokens {s['tokens']:,}  time {s['elapsed']:.1f}s  ({speed})",
              f"passes     {s['train_passes']} training forward/backward + {s['hessian_passes']:g} for Hessian "
-             "estimates",
+             "estimates" + (f"; {s['skipped_steps']} step(s) skipped (non-finite gradient)"
+                            if s.get("skipped_steps") else ""),
              f"val loss   final {s['final_val_loss']:.4f}  best {s['best_val_loss']:.4f}"
              if s["final_val_loss"] is not None else "val loss   -"]
     if s.get("attn_max_logit"):
@@ -510,8 +771,9 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict[str, Any]:
-    return Trainer(cfg, resume=resume, log=log).run()
+def train(cfg: TrainConfig, *, resume: bool | str = False, log=None,
+          schedule_changes: dict[str, tuple[Any, Any]] | None = None) -> dict[str, Any]:
+    return Trainer(cfg, resume=resume, log=log, schedule_changes=schedule_changes).run()
 
 
-__all__ = ["Trainer", "format_summary", "lr_at", "train"]
+__all__ = ["StopRequestedError", "Trainer", "format_summary", "lr_at", "train"]
