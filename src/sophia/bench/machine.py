@@ -1,12 +1,16 @@
-"""What machine a measurement was taken on."""
+"""What machine a measurement was taken on; the checks a benchmark makes before it starts."""
 
 from __future__ import annotations
 
 import os
 import platform
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+
+from sophia.lm.config import TrainError
 
 
 def cpu_model() -> str:
@@ -32,3 +36,40 @@ def machine_info() -> dict[str, object]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def resolve_device(spec: str, *, allow_auto: bool = False) -> torch.device:
+    """The device a ``--device`` option names, or TrainError saying why it cannot be used here."""
+    choices = ("auto, " if allow_auto else "") + "cpu or cuda[:N]"
+    if allow_auto and spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.split(":")[0] not in ("cpu", "cuda"):
+        raise TrainError(f"--device must be {choices}, got {spec!r}")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise TrainError(f"--device must be {choices}, got {spec!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device {spec}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TrainError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_out_dir(out_dir: str | Path, outputs: Sequence[str], overwrite: bool) -> Path:
+    """Refuse, before any work, an ``--out-dir`` that cannot be written or that holds an earlier
+    run's results (any of ``outputs``) unless ``overwrite``; creates nothing."""
+    out = Path(out_dir)
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise TrainError(f"--out-dir {out}: {folder} is a file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise TrainError(f"--out-dir {out}: {folder} is not writable")
+            break
+    found = [name for name in outputs if (out / name).exists()]
+    if found and not overwrite:
+        raise TrainError(f"{out} already holds the results of an earlier run ({', '.join(found)}); "
+                         "choose another --out-dir, or pass --overwrite to replace them")
+    return out

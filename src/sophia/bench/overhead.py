@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from sophia.bench.machine import machine_info, synchronize
-from sophia.lm.config import resolve_config
+from sophia.bench.machine import check_out_dir, machine_info, resolve_device, synchronize
+from sophia.lm.config import TrainConfig, TrainError, resolve_config
 from sophia.lm.presets import QUICK_MODEL
 from sophia.lm.train import Trainer
 
@@ -30,14 +30,23 @@ CONFIGS = (
 )
 
 
-def measure(preset: str, steps: int, out_dir: Path, quick: bool, seed: int = 0, log=print,
-            overrides: dict | None = None) -> dict:
-    trainers = []
+def configs(preset: str, steps: int, out_dir: Path, quick: bool, seed: int = 0,
+            overrides: dict | None = None) -> list[tuple[str, TrainConfig]]:
+    """The training configurations measured for a preset (checked, nothing created)."""
+    out = []
     for label, optimizer, extra in CONFIGS:
         settings = {**(QUICK_MODEL if quick else {}), **(overrides or {}), **extra, "max_steps": steps,
                     "progress": False, "eval_batches": 1, "seed": seed}
         cfg = resolve_config(preset, optimizer, settings)
         cfg.out_dir = str(out_dir / "runs" / f"{preset}-{label.replace(' ', '').replace(',', '-').replace('/', '')}")
+        out.append((label, cfg))
+    return out
+
+
+def measure(preset: str, steps: int, out_dir: Path, quick: bool, seed: int = 0, log=print,
+            overrides: dict | None = None) -> dict:
+    trainers = []
+    for label, cfg in configs(preset, steps, out_dir, quick, seed, overrides):
         trainer = Trainer(cfg, log=lambda m: None)
         trainer.setup()
         trainers.append((label, trainer))
@@ -108,16 +117,26 @@ def report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+OUTPUTS = ("report.md", "results.json")
+
+
 def main(out_dir: str, presets: list[str], steps: int, quick: bool, command: str = "sophia bench overhead",
-         overrides: dict | None = None) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+         overrides: dict | None = None, overwrite: bool = False) -> None:
     if quick:
         presets, steps = ["tiny"], 20
+    if not presets:
+        raise TrainError("--presets names no preset")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    # Everything that can be refused is refused before a folder is created or a model built.
+    out = Path(out_dir)
+    for p in presets:
+        for _, cfg in configs(p, steps, out, quick, overrides=given):
+            resolve_device(cfg.device, allow_auto=True)
+    check_out_dir(out, OUTPUTS, overwrite)
     result = {"command": command, "machine": machine_info(),
               "presets": [measure(p, steps, out, quick, log=lambda m: print(m, file=sys.stderr), overrides=given)
                           for p in presets]}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     text = report(result)
     (out / "report.md").write_text(text)

@@ -16,11 +16,10 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from sophia.bench.machine import machine_info
+from sophia.bench.machine import check_out_dir, machine_info, resolve_device
 from sophia.bench.machine import synchronize as _sync
 from sophia.optim import SophiaG, SophiaH
 
@@ -152,7 +151,7 @@ def run(preset: str = "30m", dtype: str = "float32", rounds: int = 15, warmup: i
         include_compiled: bool = True, seed: int = 0, device: str = "cpu") -> dict:
     shapes = gpt_like_shapes(**PRESETS[preset])
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    dev = torch.device(device)
+    dev = resolve_device(device)
     variants = _variants(shapes, torch_dtype, include_compiled, dev)
     for v in variants:  # compile, allocate, fault pages in
         v.step()
@@ -222,15 +221,19 @@ def report(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+OUTPUTS = ("report.md", "results.json")
+
+
 def main(out_dir: str, preset: str, dtype: str, rounds: int, quick: bool, compiled: bool,
-         command: str = "sophia bench step", device: str = "cpu") -> None:
+         command: str = "sophia bench step", device: str = "cpu", overwrite: bool = False) -> None:
+    resolve_device(device)  # a device this machine lacks is refused before anything is created
+    out = check_out_dir(out_dir, OUTPUTS, overwrite)
     if quick:
         preset, rounds = "quick", 5
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     result = run(preset=preset, dtype=dtype, rounds=rounds, include_compiled=compiled, device=device)
     result["command"] = command
     text = report(result, command)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "report.md").write_text(text)
     print(text)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from sophia.bench.machine import machine_info
+from sophia.bench.machine import check_out_dir, machine_info
 from sophia.optim import SophiaG
 
 METHODS = ("GD", "Adam", "SignGD", "Newton", "SophiaG")
@@ -252,9 +252,12 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(out_dir: str, quick: bool = False, command: str = "sophia bench toy") -> dict[str, Any]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+OUTPUTS = ("report.md", "results.json", "toy_2d_trajectories.png", "toy_losses.png")
+
+
+def main(out_dir: str, quick: bool = False, command: str = "sophia bench toy",
+         overwrite: bool = False) -> dict[str, Any]:
+    out = check_out_dir(out_dir, OUTPUTS, overwrite)
     if quick:
         lrs, steps = [1e-3, 1e-2, 1e-1, 1.0], 100
     else:
@@ -262,6 +265,7 @@ def main(out_dir: str, quick: bool = False, command: str = "sophia bench toy") -
     problems = {p.name: p for p in (problem_2d(), problem_logistic(), problem_mlp())}
     results = [solve(p, lrs, steps) for p in problems.values()]
     result = {"command": command, "machine": machine_info(), "lrs": lrs, "steps": steps, "problems": results}
+    out.mkdir(parents=True, exist_ok=True)
     result["plots"] = plot(results, problems, out)
     slim = json.loads(json.dumps(result))
     for res in slim["problems"]:  # keep the json small: curves and paths are in the plots
