@@ -1,7 +1,10 @@
-"""``sophia sample``: text from a trained run's checkpoint."""
+"""``sophia sample``: text from a trained run's checkpoint, streamed as it is generated."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Sequence
+from numbers import Real
 from pathlib import Path
 
 import torch
@@ -10,16 +13,66 @@ from sophia.lm.checkpoint import load_checkpoint
 from sophia.lm.config import TrainError
 from sophia.lm.model import GPT, GPTConfig
 
+MAX_NEW_TOKENS = 100_000  # per sample; without a KV cache each token costs a forward of the context
+# Tokens a decoder holds back while they end inside a multi-byte character (UTF-8 needs at most 4
+# bytes; merged BPE tokens reach it sooner); past this it prints what it has.
+_HOLD_TOKENS = 8
 
-def sample(out_dir: str, *, start: str = "\n", max_new_tokens: int = 300, temperature: float = 0.8,
-           top_k: int | None = 200, seed: int = 0, num_samples: int = 1) -> list[str]:
+
+def check_settings(max_new_tokens: int, temperature: float, top_k: int | None, num_samples: int) -> None:
+    """Raise TrainError naming the first sampling setting that is out of range."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise TrainError(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise TrainError(f"--num-samples must be >= 1, got {num_samples!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) \
+            or not (math.isfinite(temperature) and temperature >= 0):
+        raise TrainError(f"--temperature must be a finite number >= 0 (0: greedy, always the most likely "
+                         f"token), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise TrainError(f"--top-k must be >= 0 (0: no top-k filtering), got {top_k!r}")
+
+
+class _Detokenizer:
+    """Decodes a growing token sequence piece by piece; a character whose bytes span several
+    tokens is held back until its last token arrives (the decoders render a partial one as U+FFFD)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+
+    def push(self, ids: Sequence[int]) -> str:
+        self.pending.extend(ids)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < _HOLD_TOKENS:
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
+
+
+@torch.no_grad()
+def _next_token(model: GPT, idx: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator) -> torch.Tensor:
+    if temperature == 0:  # greedy: the most likely token, no randomness
+        logits, _ = model(idx[:, -model.config.block_size:])
+        return logits[:, -1, :].argmax(dim=-1, keepdim=True)
+    return model.generate(idx, 1, temperature=temperature, top_k=top_k, generator=generator)[:, -1:]
+
+
+def stream(out_dir: str, *, start: str = "\n", max_new_tokens: int = 300, temperature: float = 0.8,
+           top_k: int | None = 200, seed: int = 0, num_samples: int = 1) -> Iterator[tuple[int, str]]:
+    """Yield ``(sample number, text)`` pieces as they are generated: each sample's prompt first,
+    then its new text a token (or a completed character) at a time. ``temperature=0`` is greedy."""
     from sophia.lm.data import DataError
     from sophia.lm.tokenizers import load_tokenizer
 
-    if max_new_tokens < 1 or num_samples < 1 or temperature <= 0:
-        raise TrainError("--max-new-tokens and --num-samples must be >= 1 and --temperature > 0")
-    if top_k is not None and top_k < 0:
-        raise TrainError(f"--top-k must be >= 0 (0: no top-k filtering), got {top_k}")
+    check_settings(max_new_tokens, temperature, top_k, num_samples)
     top_k = top_k or None
     ckpt = load_checkpoint(Path(out_dir), purpose="sample")
     model = GPT(GPTConfig(**ckpt["model_config"]))
@@ -31,9 +84,26 @@ def sample(out_dir: str, *, start: str = "\n", max_new_tokens: int = 300, temper
         raise TrainError(str(e)) from None
     ids = tok.encode(start) or [0]
     gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(num_samples):
+    for i in range(num_samples):
         idx = torch.tensor([ids], dtype=torch.long)
-        y = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
-        out.append(tok.decode(y[0].tolist()))
-    return out
+        text = _Detokenizer(tok)
+        yield i, text.push(ids)
+        for _ in range(max_new_tokens):
+            nxt = _next_token(model, idx, temperature, top_k, gen)
+            idx = torch.cat([idx, nxt], dim=1)
+            piece = text.push(nxt[0].tolist())
+            if piece:
+                yield i, piece
+        yield i, text.flush()
+
+
+def sample(out_dir: str, *, start: str = "\n", max_new_tokens: int = 300, temperature: float = 0.8,
+           top_k: int | None = 200, seed: int = 0, num_samples: int = 1) -> list[str]:
+    """The samples of :func:`stream`, each as one string (prompt included)."""
+    parts: list[list[str]] = []
+    for i, piece in stream(out_dir, start=start, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, seed=seed, num_samples=num_samples):
+        if i == len(parts):
+            parts.append([])
+        parts[i].append(piece)
+    return ["".join(p) for p in parts]
