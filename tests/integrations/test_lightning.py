@@ -1,0 +1,159 @@
+"""SophiaCallback against the real lightning.Trainer, with a tiny LightningModule."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+L = pytest.importorskip("lightning")
+
+from torch.utils.data import DataLoader  # noqa: E402
+
+from sophia.integrations.lightning import SophiaCallback  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "lightning_sophia.py"
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("lightning_sophia_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ex = _load_example()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one thread is several times faster than two on this shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Record(L.Callback):
+    """Per batch: the loss; per optimizer step: the gradients as they are after all other callbacks."""
+
+    def __init__(self):
+        self.losses, self.grads, self.steps = [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.steps.append(trainer.global_step)
+        self.grads.append([p.grad.clone() for p in pl_module.parameters()])
+
+
+def _fit(tmp, *, k=2, accumulate=2, epochs=3, n=48, lr=3e-3, ckpt_path=None, checkpoint=None, seed=0):
+    L.seed_everything(seed, verbose=False)
+    model = ex.TinyLM(lr=lr)
+    callback = SophiaCallback(hessian_interval=k, logits_fn=ex.logits_and_labels)
+    record = Record()
+    extra = [record] + ([checkpoint] if checkpoint is not None else [])
+    trainer = ex.make_trainer(str(tmp), callback=callback, accumulate=accumulate, max_epochs=epochs,
+                              extra_callbacks=extra)
+    data = DataLoader(ex.counting_data(n), batch_size=8, shuffle=False)
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return trainer, model, callback, record
+
+
+def test_refreshes_follow_optimizer_steps_and_count_real_predictions(tmp_path):
+    k, accumulate = 2, 3
+    trainer, model, callback, record = _fit(tmp_path, k=k, accumulate=accumulate, epochs=2, n=56)
+    # 7 batches an epoch: steps after batches 3, 6 and (the epoch's short last step) 7
+    assert trainer.global_step == 6
+    opt = trainer.optimizers[0]
+    assert opt.hessian_updates == trainer.global_step // k == 3
+    assert [s for s, _ in callback.refreshes] == [2, 4, 6]
+    labels = [y for _, y in DataLoader(ex.counting_data(56), batch_size=8)]
+    # step 2: batches 3-5 of epoch 1; step 4: batches 0-2 of epoch 2; step 6: its short last step
+    windows = {2: labels[3:6], 4: labels[0:3], 6: labels[6:7]}
+    for step, n in callback.refreshes:
+        assert n == sum(int((y != -100).sum()) for y in windows[step])
+        assert n < sum(y.numel() for y in windows[step])  # the padding was left out
+    logged = trainer.logged_metrics
+    assert 0.0 <= float(logged["win_rate"]) <= 1.0 and float(logged["hessian_norm"]) > 0
+    assert float(logged["hessian_updates"]) == 3
+
+
+def test_loss_falls(tmp_path):
+    trainer, model, callback, record = _fit(tmp_path, k=2, accumulate=1, epochs=4, n=64, lr=1e-2)
+    assert trainer.optimizers[0].hessian_updates == trainer.global_step // 2 == 16
+    first, last = sum(record.losses[:4]) / 4, sum(record.losses[-4:]) / 4
+    assert last < first - 0.3
+
+
+def test_pending_training_gradients_survive_the_refresh(tmp_path):
+    # Lightning zeroes .grad at the next step's first batch, so the refresh runs while the step's
+    # training gradients are still there; with lr = 0 they depend on the data only.
+    runs = {k: _fit(tmp_path / str(k), k=k, accumulate=2, epochs=1, n=32, lr=0.0) for k in (1, 1000)}
+    with_refresh, without = runs[1][3], runs[1000][3]
+    assert runs[1][0].optimizers[0].hessian_updates == 2 and runs[1000][0].optimizers[0].hessian_updates == 0
+    assert len(with_refresh.grads) == len(without.grads) == 4
+    for a, b in zip(with_refresh.grads, without.grads):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_resume_from_a_lightning_checkpoint_continues_as_the_uninterrupted_run(tmp_path):
+    # 3 optimizer steps an epoch, k = 2; the epoch-2 checkpoint is at step 6, right after a refresh
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1,
+                                               every_n_epochs=1, filename="{epoch}")
+    full, full_model, _, full_rec = _fit(tmp_path / "full", k=2, accumulate=2, epochs=3, checkpoint=ckpt)
+    path = tmp_path / "ckpt" / "epoch=1.ckpt"
+    assert torch.load(path, weights_only=False)["global_step"] == 6
+    resumed, resumed_model, _, resumed_rec = _fit(tmp_path / "resumed", k=2, accumulate=2, epochs=3,
+                                                  ckpt_path=str(path), seed=123)
+    assert resumed_rec.losses == full_rec.losses[-6:]  # epoch 3's batches, the same floats
+    assert resumed.optimizers[0].hessian_updates == full.optimizers[0].hessian_updates == 9 // 2
+    for a, b in zip(full_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_wrong_optimizer_is_refused(tmp_path):
+    class AdamLM(ex.TinyLM):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters())
+
+    trainer = ex.make_trainer(str(tmp_path), callback=SophiaCallback(), max_epochs=1)
+    with pytest.raises(TypeError, match="one SophiaG"):
+        trainer.fit(AdamLM(), DataLoader(ex.counting_data(8), batch_size=8))
+    with pytest.raises(ValueError, match="hessian_interval"):
+        SophiaCallback(hessian_interval=0)
+
+
+def test_example_runs_in_quick_form(capsys):
+    result = ex.main(["--quick"])
+    assert result["steps"] == 12 and result["hessian_updates"] == 6
+    assert sum(result["losses"][-4:]) < sum(result["losses"][:4])
+    assert "Hessian refreshes" in capsys.readouterr().out
+
+
+WORKER = Path(__file__).with_name("lightning_ddp_worker.py")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_ddp_two_gloo_ranks_agree_and_count_the_global_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "examples")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["hessian_updates"] == ranks[1]["hessian_updates"] == ranks[0]["steps"] // 2 == 3
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(a, b)
+    for a, b in zip(ranks[0]["hessian"], ranks[1]["hessian"]):  # sampled gradients were summed over ranks
+        assert torch.equal(a, b)
+    assert ranks[0]["refreshes"] == ranks[1]["refreshes"]
+    for step, n in ranks[0]["refreshes"]:
+        assert n == sum(r["counts"][step - 1] for r in ranks)
+    assert ranks[0]["counts"] != ranks[1]["counts"]
