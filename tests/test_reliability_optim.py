@@ -265,3 +265,19 @@ def test_hutchinson_from_grads_refuses_a_count_mismatch():
     (g,) = torch.autograd.grad((w ** 3).sum(), [w], create_graph=True)
     with pytest.raises(ValueError, match="1 gradients for 2 parameters"):
         hutchinson_from_grads([g], [w, torch.ones(2, requires_grad=True)])
+
+
+# -- gnb_refresh: its clipping threshold -------------------------------------------------------
+@pytest.mark.parametrize("bad", [-1.0, 0.0, math.nan, math.inf, "1"])
+def test_gnb_refresh_refuses_a_bad_max_grad_norm_before_touching_anything(bad):
+    from sophia.hessian import categorical_sampled_loss, gnb_refresh
+
+    model = torch.nn.Linear(3, 4)
+    opt = SophiaG(model.parameters())
+    pending = [torch.full_like(p, 0.5) for p in model.parameters()]
+    for p, g in zip(model.parameters(), pending):
+        p.grad = g
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        gnb_refresh(opt, lambda: categorical_sampled_loss(model(torch.randn(8, 3))), max_grad_norm=bad)
+    assert all(p.grad is g for p, g in zip(model.parameters(), pending))
+    assert opt.hessian_updates == 0 and len(opt.state) == 0

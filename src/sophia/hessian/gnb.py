@@ -11,6 +11,7 @@ report N; :func:`gnb_refresh` runs a whole refresh for an optimizer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -88,6 +89,9 @@ def gnb_refresh(optimizer: torch.optim.Optimizer, sampled_loss_fn: Callable[[], 
     batch. Ranks must use equal local batches for the average to be the global mean.
     ``max_grad_norm`` clips the sampled-label gradient first (the authors use 1.0).
     """
+    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                      or not (math.isfinite(max_grad_norm) and max_grad_norm > 0)):
+        raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     stashed = [p.grad for p in params]
     stashed_ptrs = {g.data_ptr() for g in stashed if g is not None and g.numel()}
