@@ -103,3 +103,10 @@ def test_unusable_device_is_one_line_and_leaves_no_folder(tmp_path, command, dev
     line = _one_line_error(_sophia(*COMMANDS[command], "--device", device, "--out-dir", str(out)))
     assert message in line and device in line
     assert not (tmp_path / "new").exists()
+
+
+def test_step_with_one_round_is_refused_before_it_runs(tmp_path):
+    # one round has no interquartile range: refused at once, not after the whole benchmark
+    proc = _sophia("bench", "step", "--rounds", "1", "--out-dir", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "--rounds must be >= 2" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -278,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             return demo_main(max_steps=args.max_steps, out_dir=args.out_dir, corpus=args.corpus,
                              data_root=args.data_root, eval_batches=args.eval_batches)
         if args.command == "bench" and args.bench == "step":
-            if args.rounds < 1:
-                parser.error("--rounds must be >= 1")
+            if args.rounds < 2:
+                parser.error("--rounds must be >= 2 (the report gives medians and interquartile ranges)")
             from sophia.bench.step import main as step_main
 
             step_main(args.out_dir, args.preset, args.dtype, args.rounds, args.quick, not args.no_compiled,

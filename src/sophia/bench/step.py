@@ -149,6 +149,8 @@ def stream_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5, device: torch.dev
 
 def run(preset: str = "30m", dtype: str = "float32", rounds: int = 15, warmup: int = 3,
         include_compiled: bool = True, seed: int = 0, device: str = "cpu") -> dict:
+    if rounds < 2:
+        raise ValueError(f"rounds must be >= 2 for medians and interquartile ranges, got {rounds}")
     shapes = gpt_like_shapes(**PRESETS[preset])
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     dev = resolve_device(device)
