@@ -157,3 +157,28 @@ def test_ddp_two_gloo_ranks_agree_and_count_the_global_batch(tmp_path):
     for step, n in ranks[0]["refreshes"]:
         assert n == sum(r["counts"][step - 1] for r in ranks)
     assert ranks[0]["counts"] != ranks[1]["counts"]
+
+
+def test_bf16_mixed_precision_on_cpu_refreshes_with_finite_estimates(tmp_path):
+    L.seed_everything(0, verbose=False)
+    callback = SophiaCallback(hessian_interval=2, logits_fn=ex.logits_and_labels)
+    in_refresh, dtypes = [], []
+    sampled_loss = callback.sampled_loss
+
+    def spy(pl_module, batch, generator):
+        in_refresh.append(True)
+        try:
+            return sampled_loss(pl_module, batch, generator)
+        finally:
+            in_refresh.pop()
+
+    callback.sampled_loss = spy
+    model = ex.TinyLM()
+    model.head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype) if in_refresh else None)
+    trainer = ex.make_trainer(str(tmp_path), callback=callback, accumulate=2, max_epochs=1, precision="bf16-mixed")
+    trainer.fit(model, DataLoader(ex.counting_data(32), batch_size=8))
+    assert dtypes == [torch.bfloat16] * 2  # 1 refresh x 2 batches, under the precision plugin's autocast
+    opt = trainer.optimizers[0]
+    assert opt.hessian_updates == 1 and opt.hessian_skipped == 0
+    hs = torch.cat([s["hessian"].flatten() for s in opt.state.values()])
+    assert torch.isfinite(hs).all() and (hs >= 0).all() and hs.sum() > 0

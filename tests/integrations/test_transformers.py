@@ -206,3 +206,27 @@ def test_ddp_two_gloo_ranks_agree_and_count_the_global_batch(tmp_path):
         assert n == sum(r["counts"][step - 1] for r in ranks)
     assert ranks[0]["counts"] != ranks[1]["counts"]  # the ranks did see different data
     json.dumps(ranks[0]["refreshes"])
+
+
+def test_bf16_autocast_on_cpu_refreshes_with_finite_estimates(tmp_path):
+    # The refresh's forward runs under the training's autocast (accelerate's); CUDA is not available here.
+    trainer = ex.build_trainer(str(tmp_path), max_steps=4, batch_size=4, accumulation=2, hessian_interval=2,
+                               n_examples=32, bf16=True)
+    in_refresh, dtypes = [], []
+    sampled_loss = trainer.sampled_loss
+
+    def spy(model, inputs, generator=None):
+        in_refresh.append(True)
+        try:
+            return sampled_loss(model, inputs, generator)
+        finally:
+            in_refresh.pop()
+
+    trainer.sampled_loss = spy
+    trainer.model.lm_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype) if in_refresh else None)
+    trainer.train()
+    assert dtypes == [torch.bfloat16] * 4  # 2 refreshes x 2 micro-batches, under autocast
+    opt = trainer.sophia_optimizer
+    assert opt.hessian_updates == 2 and opt.hessian_skipped == 0
+    hs = torch.cat([s["hessian"].flatten() for s in opt.state.values()])
+    assert torch.isfinite(hs).all() and (hs >= 0).all() and hs.sum() > 0
