@@ -47,9 +47,8 @@ def run_dir(tmp_path_factory) -> Path:
     (["--max-new-tokens", "0"], "--max-new-tokens must be between 1 and 100000"),
     (["--max-new-tokens", "100001"], "--max-new-tokens must be between 1 and 100000"),
 ], ids=["nan", "inf", "negative", "zero-tokens", "too-many-tokens"])
-def test_bad_setting_is_one_line_error(tmp_path, args, message):
-    # checked before the checkpoint is read: no run is needed to be told
-    proc = _sophia("sample", "--out-dir", str(tmp_path), *args)
+def test_bad_setting_is_one_line_error(run_dir, args, message):
+    proc = _sophia("sample", "--out-dir", str(run_dir), *args)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}") and args[1] in lines[0], proc.stderr

@@ -82,7 +82,10 @@ def stream(out_dir: str, *, start: str = "\n", max_new_tokens: int = 300, temper
         tok = load_tokenizer(Path(ckpt["dataset_dir"]))
     except DataError as e:
         raise TrainError(str(e)) from None
-    ids = tok.encode(start) or [0]
+    try:
+        ids = tok.encode(start) or [0]
+    except ValueError as e:  # a character-level vocabulary lacks one of the prompt's characters
+        raise TrainError(f"--start: {e}") from None
     gen = torch.Generator().manual_seed(seed)
     for i in range(num_samples):
         idx = torch.tensor([ids], dtype=torch.long)
