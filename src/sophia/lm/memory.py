@@ -227,3 +227,52 @@ def format_plan(p: dict[str, Any]) -> str:
         lines.append(f"fits       {verdict}: the device has {p['device_memory_gib']:.1f} GiB (90% usable)"
                      + (f"; try {p['advice']}" if not p["fits"] else ""))
     return "\n".join(lines)
+
+
+def measure_peak_bytes(*, n_layer: int, n_head: int, n_embd: int, block_size: int, vocab: int, batch_size: int,
+                       optimizer: str, device: str = "cpu", bf16: bool = False, steps: int = 2,
+                       vocab_pad_multiple: int = 64) -> int:
+    """The measured peak memory of training steps (forward, backward, clip, optimizer step, and Sophia-G's
+    refresh) of the model :func:`estimate` describes, above what the process held before the model existed.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the peak resident set size (``ru_maxrss``), so call it
+    in a fresh process, ideally with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave the heap."""
+    import resource
+
+    from sophia.hessian import categorical_sampled_loss
+    from sophia.lm.model import GPT, GPTConfig
+    from sophia.lm.optimizers import OptimizerSettings, build_optimizer
+
+    dev = torch.device(device)
+    tokens = torch.randint(0, vocab, (steps + 1, batch_size, block_size + 1))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    else:
+        with open("/proc/self/statm") as f:
+            base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    cfg = GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                    bias=False, vocab_pad_multiple=vocab_pad_multiple)
+    model = GPT(cfg).to(dev)
+    opt = build_optimizer(optimizer, model.param_groups(0.1),
+                          OptimizerSettings(lr=1e-4, weight_decay=0.1, beta1=0.9, beta2=0.95))
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else torch.autocast(dev.type, enabled=False)
+    for step in range(steps):
+        x, y = tokens[step, :, :-1].to(dev), tokens[step, :, 1:].to(dev)
+        with amp:
+            loss = model(x, y)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if optimizer == "sophiag":
+            with amp:
+                sampled = categorical_sampled_loss(model(tokens[steps, :, :-1].to(dev))[0])
+            sampled.loss.backward()
+            opt.update_hessian(bs=sampled.n)
+            opt.zero_grad(set_to_none=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev) - base
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
