@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU checks of the training harness, in one run of about 8 minutes on a lent GPU:
+#   1. `sophia train` throughput (tokens/s and MFU after warm-up) for AdamW, SophiaG (whole and 1/4
+#      Hessian batch) and SophiaH on gpt2-small, and each speed feature switched off once;
+#   2. the memory estimate against torch.cuda.max_memory_allocated for gpt2-small and gpt2-medium;
+#   3. the CUDA tests (tests/gpu).
+# Run from the repository root on a CUDA machine with torch; carry data/shakespeare-gpt2 (prepared here with
+# `sophia data prepare shakespeare --tokenizer gpt2`). Outputs go to $OUT (default gpu-out); commit them under
+# benchmarks/results/gpu-h200/harness/.
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOG="$OUT/log.txt"
+say() { echo "== $* ($(date -u +%T))" | tee -a "$LOG"; }
+
+say environment
+{ nvidia-smi -L; $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee -a "$LOG"
+test -f data/shakespeare-gpt2/meta.json || { say "data/shakespeare-gpt2 missing: carry it"; exit 2; }
+
+say "throughput, gpt2-small"
+timeout 330 $PY benchmarks/gpu/harness_throughput.py "$OUT" --preset gpt2-small --steps 40 --grad-accum 4 \
+  --timeout 150 2>&1 | tail -14 | tee -a "$LOG"
+
+say "memory estimate against measured peaks"
+timeout 120 $PY benchmarks/gpu/harness_memory.py "$OUT" 2>&1 | tail -8 | tee -a "$LOG"
+
+say "CUDA tests"
+timeout 100 $PY -m pytest -q -p no:cacheprovider -x tests/gpu 2>&1 | tail -15 | tee "$OUT/tests.txt" | tee -a "$LOG"
+say done
