@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
+            losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)  # Lightning divides it
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(tmp, callback=callback, accumulate=a.accumulate, max_epochs=epochs,

@@ -167,7 +167,7 @@ class SophiaTrainer(Trainer):
         opt_model = self.model if model is None else model
         cls = _KINDS[self.sophia]
         if self.optimizer is None:
-            if self.optimizer_cls_and_kwargs is not None:
+            if getattr(self, "optimizer_cls_and_kwargs", None) is not None:
                 raise ValueError("SophiaTrainer creates its own optimizer: do not pass optimizer_cls_and_kwargs")
             decay = set(self.get_decay_parameter_names(opt_model))
             named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
