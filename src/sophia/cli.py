@@ -101,6 +101,9 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     try:
         summary = train(cfg, resume=resume, schedule_changes=changes)
+    except OSError as e:  # the file system, in one line: the path and the cause
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        raise TrainError(f"{where}{e.strerror or e} (--out-dir {out_dir}, --data-root {cfg.data_root})") from None
     except StopRequestedError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(str(e), file=sys.stderr)

@@ -523,7 +523,22 @@ def load_dataset(path: Path) -> TokenDataset:
     dtype = DTYPES[meta["dtype"]]
     train = np.memmap(d / TRAIN_FILE, dtype=dtype, mode="r")
     val = np.memmap(d / VAL_FILE, dtype=dtype, mode="r")
-    return TokenDataset(dir=d, train=train, val=val, vocab_size=int(meta["vocab_size"]), meta=meta)
+    vocab = int(meta["vocab_size"])
+    for name, tokens in ((TRAIN_FILE, train), (VAL_FILE, val)):
+        top = _max_token(tokens)
+        if top >= vocab:  # caught here, not as an embedding index error (a device-side assert on a GPU) mid-run
+            raise DataError(f"{d / name} holds token id {top}, but the vocabulary has {vocab} ids (0 to {vocab - 1}) "
+                            f"per its {META_FILE if meta.get('format') else 'meta.pkl (or the GPT-2 default)'}; the "
+                            "token files and the vocabulary do not belong together: prepare the data again")
+    return TokenDataset(dir=d, train=train, val=val, vocab_size=vocab, meta=meta)
+
+
+def _max_token(tokens: np.ndarray, chunk: int = 1 << 26) -> int:
+    """The largest id in a token memmap, read once in chunks (about a second per 2 GB)."""
+    top = 0
+    for start in range(0, len(tokens), chunk):
+        top = max(top, int(tokens[start:start + chunk].max()))
+    return top
 
 
 def _checked_meta(d: Path) -> dict[str, Any]:

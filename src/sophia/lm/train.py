@@ -177,9 +177,25 @@ class Trainer:
         return self.device.type == "cuda"
 
     # -- set-up ---------------------------------------------------------------------------
+    @staticmethod
+    def _check_writable_dir(path: Path, flag: str) -> None:
+        """``path`` is, or can be made, a directory this process may write into (checked before any work)."""
+        probe = path
+        while not probe.exists():
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        if not probe.is_dir():
+            what = "is a file" if probe == path else f"lies under the file {probe}"
+            raise TrainError(f"{flag} {path} {what}, not a directory")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise TrainError(f"{flag} {path}: {probe} is not writable")
+
     def _check_out_dir(self) -> None:
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise TrainError(f"--out-dir {self.out_dir} is a file, not a directory")
+        self._check_writable_dir(self.out_dir, "--out-dir")
+        data_root = Path(self.cfg.data_root)
+        if data_root.exists() and not data_root.is_dir():
+            raise TrainError(f"--data-root {data_root} is a file, not a directory")
         exists = has_checkpoint(self.out_dir)
         if self.resume_mode == "auto":
             self.resume = exists
