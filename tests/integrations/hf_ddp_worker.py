@@ -19,18 +19,20 @@ def main(out_dir: str) -> None:
         batches.append(batch["labels"].clone())
         return batch
 
-    trainer = ex.build_trainer(os.path.join(out_dir, "run"), max_steps=6, batch_size=4, accumulation=2,
-                               hessian_interval=2, logging_steps=2, n_examples=64, ddp_backend="gloo",
-                               ddp_find_unused_parameters=False)
-    trainer.data_collator = collate
-    trainer.train()
-    opt = trainer.sophia_optimizer
-    # each step's predictions on this rank: non-ignored shifted labels of its two micro-batches
-    counts = [sum(int((y[:, 1:] != -100).sum()) for y in batches[2 * s: 2 * s + 2]) for s in range(6)]
-    torch.save({"params": [p.detach().clone() for p in trainer.model.parameters()],
-                "hessian": [opt.state[p]["hessian"].clone() for p in trainer.model.parameters()],
-                "hessian_updates": opt.hessian_updates, "refreshes": trainer.hessian_refreshes,
-                "counts": counts}, os.path.join(out_dir, f"rank{rank}.pt"))
+    for sophia in ("sophiag", "sophiah"):
+        batches.clear()
+        trainer = ex.build_trainer(os.path.join(out_dir, sophia), sophia=sophia, max_steps=6, batch_size=4,
+                                   accumulation=2, hessian_interval=2, logging_steps=2, n_examples=64,
+                                   ddp_backend="gloo", ddp_find_unused_parameters=False)
+        trainer.data_collator = collate
+        trainer.train()
+        opt = trainer.sophia_optimizer
+        # each step's predictions on this rank: non-ignored shifted labels of its two micro-batches
+        counts = [sum(int((y[:, 1:] != -100).sum()) for y in batches[2 * s: 2 * s + 2]) for s in range(6)]
+        torch.save({"params": [p.detach().clone() for p in trainer.model.parameters()],
+                    "hessian": [opt.state[p]["hessian"].clone() for p in trainer.model.parameters()],
+                    "hessian_updates": opt.hessian_updates, "refreshes": trainer.hessian_refreshes,
+                    "counts": counts}, os.path.join(out_dir, f"{sophia}-rank{rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -189,13 +188,14 @@ WORKER = Path(__file__).with_name("hf_ddp_worker.py")
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_ddp_two_gloo_ranks_agree_and_count_the_global_batch(tmp_path):
+    # one torchrun launch: a SophiaG run, then a SophiaH run
     path = os.pathsep.join(filter(None, [str(ROOT / "examples"), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(WORKER), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"sophiag-rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["hessian_updates"] == ranks[1]["hessian_updates"] == 6 // 2
     for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(a, b)
@@ -206,7 +206,11 @@ def test_ddp_two_gloo_ranks_agree_and_count_the_global_batch(tmp_path):
     for step, n in ranks[0]["refreshes"]:  # N counts both ranks' predictions of that step
         assert n == sum(r["counts"][step - 1] for r in ranks)
     assert ranks[0]["counts"] != ranks[1]["counts"]  # the ranks did see different data
-    json.dumps(ranks[0]["refreshes"])
+    # SophiaH: each rank's Hutchinson estimate (its own data and probes) is averaged over ranks
+    ranks = [torch.load(tmp_path / f"sophiah-rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["hessian_updates"] == ranks[1]["hessian_updates"] == (6 - 1) // 2
+    for a, b in zip(ranks[0]["hessian"] + ranks[0]["params"], ranks[1]["hessian"] + ranks[1]["params"]):
+        assert torch.equal(a, b)
 
 
 def test_bf16_autocast_on_cpu_refreshes_with_finite_estimates(tmp_path):
