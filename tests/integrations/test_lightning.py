@@ -183,3 +183,30 @@ def test_bf16_mixed_precision_on_cpu_refreshes_with_finite_estimates(tmp_path):
     assert opt.hessian_updates == 1 and opt.hessian_skipped == 0
     hs = torch.cat([s["hessian"].flatten() for s in opt.state.values()])
     assert torch.isfinite(hs).all() and (hs >= 0).all() and hs.sum() > 0
+
+
+def test_works_with_the_pytorch_lightning_package_name_too():
+    pl = pytest.importorskip("pytorch_lightning")
+    from sophia import SophiaG
+
+    class PlLM(pl.LightningModule):  # the same model, as a pytorch_lightning module
+        def __init__(self):
+            super().__init__()
+            self.lm = ex.TinyLM()
+
+        def forward(self, inputs):
+            return self.lm(inputs)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self(batch[0]).flatten(0, 1), batch[1].flatten())
+
+        def configure_optimizers(self):
+            return SophiaG(self.parameters(), lr=1e-3)
+
+    callback = SophiaCallback(hessian_interval=2, logits_fn=ex.logits_and_labels)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, accumulate_grad_batches=2, callbacks=[callback],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(PlLM(), DataLoader(ex.counting_data(32), batch_size=8))
+    assert trainer.global_step == 2 and trainer.optimizers[0].hessian_updates == 1
+    assert [s for s, _ in callback.refreshes] == [2]
