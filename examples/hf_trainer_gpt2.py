@@ -62,13 +62,15 @@ def collate(features: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def tiny_gpt2(seed: int = 0, *, attn_implementation: str = "eager") -> GPT2LMHeadModel:
+def tiny_gpt2(seed: int = 0, *, attn_implementation: str = "sdpa") -> GPT2LMHeadModel:
     """A 2-layer GPT-2 with 32-wide embeddings, no dropout (so runs repeat exactly)."""
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD,
                         bos_token_id=None, eos_token_id=None, loss_type="ForCausalLM")
-    config._attn_implementation = attn_implementation  # eager: double backward for SophiaH
+    # sdpa (transformers' default) works for SophiaH too: SophiaTrainer runs its double backward on
+    # the math kernel, the fused CPU/GPU kernels have none
+    config._attn_implementation = attn_implementation
     return GPT2LMHeadModel(config)
 
 

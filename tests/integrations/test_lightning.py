@@ -103,6 +103,7 @@ def test_pending_training_gradients_survive_the_refresh(tmp_path):
             assert torch.equal(x, y)
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the resumed run has no ModelCheckpoint
 def test_resume_from_a_lightning_checkpoint_continues_as_the_uninterrupted_run(tmp_path):
     # 3 optimizer steps an epoch, k = 2; the epoch-2 checkpoint is at step 6, right after a refresh
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1,

@@ -115,6 +115,20 @@ def test_optimizer_uses_trainers_lr_decay_split_and_sophias_betas(tmp_path):
         SophiaTrainer(model=ex.tiny_gpt2(), args=trainer.args, sophia="adamw")
 
 
+
+def test_a_sophia_optimizer_passed_in_is_used_as_given(tmp_path):
+    trainer = ex.build_trainer(str(tmp_path), max_steps=4, hessian_interval=2, n_examples=32)
+    mine = SophiaG(trainer.model.parameters(), lr=1e-3, rho=0.02)
+    given = SophiaTrainer(model=trainer.model, args=trainer.args, train_dataset=trainer.train_dataset,
+                          data_collator=ex.collate, optimizers=(mine, None), hessian_interval=2)
+    given.train()
+    assert given.sophia_optimizer is mine and mine.hessian_updates == 2
+    assert mine.param_groups[0]["rho"] == 0.02
+    wrong = SophiaTrainer(model=trainer.model, args=trainer.args, train_dataset=trainer.train_dataset,
+                          data_collator=ex.collate, optimizers=(SophiaH(trainer.model.parameters()), None))
+    with pytest.raises(ValueError, match="needs a SophiaG"):
+        wrong.train()
+
 def test_training_gradients_are_the_same_with_and_without_refreshes(tmp_path):
     # lr = 0 keeps the parameters fixed, so every step's training gradient depends on the data only:
     # a refresh that leaked its sampled-label gradient into .grad would change the next step's.
