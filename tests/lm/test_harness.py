@@ -109,7 +109,7 @@ def _dry(*args: str) -> dict:
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_dry_run_every_preset(preset, tmp_path):
-    optimizers = ["adamw", "sophiag"] if preset.startswith("gpt2") else ["sophiag"]
+    optimizers = ["adamw", "sophiag", "sophiah"] if preset.startswith("gpt2") else ["sophiag"]
     for optimizer in optimizers:
         plan = _dry("--preset", preset, "--optimizer", optimizer, "--device", "cuda", "--device-memory-gib", "80",
                     "--world-size", "8", "--data-root", str(tmp_path / "nothing"))

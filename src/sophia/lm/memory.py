@@ -159,7 +159,12 @@ def device_memory_bytes(device: torch.device) -> int:
 
 
 def fit_advice(est_fn, batch_size: int, grad_accum: int, world_size: int, budget: int) -> str:
-    """The largest --batch-size (halving) that fits, with the --grad-accum that keeps the global batch."""
+    """The largest --batch-size (halving) that fits, with the --grad-accum that keeps the global batch; first a
+    smaller --hessian-batch-fraction when the Hessian refresh is what does not fit."""
+    e = est_fn(batch_size)
+    if e.refresh > e.activations + e.logits and e.static + e.activations + e.logits + e.overhead <= budget:
+        return ("a smaller --hessian-batch-fraction (the Hessian refresh's double backward is what does not fit; "
+                f"it needs {e.refresh / GiB:.1f} GiB)")
     global_seqs = batch_size * max(grad_accum, world_size)
     b = batch_size
     while b > 1:
