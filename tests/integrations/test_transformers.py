@@ -105,8 +105,7 @@ def test_optimizer_uses_trainers_lr_decay_split_and_sophias_betas(tmp_path):
     assert all("bias" in names[id(p)] or "ln" in names[id(p)] for p in no_decay["params"])
     assert decay["lr"] == trainer.args.learning_rate and decay["rho"] == 0.07
     assert decay["betas"] == (0.965, 0.99)  # Sophia's, not TrainingArguments' adam betas
-    custom = ex.build_trainer(str(tmp_path), max_steps=1)
-    custom.sophia_betas = (0.9, 0.95)
+    custom = SophiaTrainer(model=ex.tiny_gpt2(), args=trainer.args, betas=(0.9, 0.95))
     custom.create_optimizer()
     assert custom.sophia_optimizer.param_groups[0]["betas"] == (0.9, 0.95)
     with pytest.raises(ValueError, match="hessian_interval"):
