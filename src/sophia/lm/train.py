@@ -519,8 +519,8 @@ class Trainer:
         """One optimizer step; returns (mean training loss on this rank as a device tensor, lr, skipped)."""
         cfg = self.cfg
         lr = lr_at(i, cfg)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        for group in self.opt.param_groups:  # a group may run at a fixed multiple of the schedule (lr_scale)
+            group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
         if cfg.optimizer == "sophiah" and self.opt.hessian_due():
             self._hutchinson_refresh()
         create_graph = needs_create_graph(cfg.optimizer, i, cfg.hessian_interval)
