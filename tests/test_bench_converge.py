@@ -126,6 +126,10 @@ def test_quick_sweep_writes_everything_and_never_redoes_a_run(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert f"Command: `sophia bench converge --quick --out-dir {out}`" in report
     assert "| AdamW |" in report and "| SophiaG |" in report and "Machine:" in report
+    # the final attention diagnostics of every fresh seed, per optimizer, in the results and the report
+    for d in result["analysis"]["optimizers"].values():
+        assert len(d["attention"]["max_logit"]) == 2 and all(v >= 0 for v in d["attention"]["max_logit"])
+    assert "Attention at the end of training" in report
     runs = sorted(p.name for p in (out / "runs").iterdir())
     # AdamW: 2 lrs + 2 fresh seeds; SophiaG: 2 lrs + the other rho + 2 fresh seeds
     assert len(runs) == 9 and first.err.count("done ") == 9
@@ -189,3 +193,15 @@ def test_the_other_way_round_where_adamw_reaches_a_slower_optimizers_loss():
     other = sg["reference_to_this_loss"]
     assert other["steps"]["reference"] == 10 and other["steps"]["ratio"] == 0.5  # AdamW: 10 of SophiaG's 20
     assert other["passes"]["ratio"] == pytest.approx(10 / (20 + 2))  # SophiaG's passes include 2 estimates
+
+
+def test_qk_norm_reaches_every_run_of_the_sweep(tmp_path):
+    from sophia.bench.converge import Setting, Sweep, build_spec
+
+    spec = build_spec("tiny", ["adamw", "sophiag"], 10, 1, None, [0.05], 5, 1, "data", 1, True, qk_norm=True)
+    sweep = Sweep(tmp_path, spec, 1)
+    for s in (Setting("adamw", 1e-3, None, 0), Setting("sophiag", 1e-3, 0.05, 1)):
+        cmd = sweep.command(s, resume=False)
+        assert "--qk-norm" in cmd
+    plain = Sweep(tmp_path, build_spec("tiny", ["adamw"], 10, 1, None, [0.05], 5, 1, "data", 1, True), 1)
+    assert "--qk-norm" not in plain.command(Setting("adamw", 1e-3, None, 0), resume=False)
