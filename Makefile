@@ -30,7 +30,7 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
 bench-step: setup
-	$(BIN)/python benchmarks/step_speed.py
+	$(BIN)/sophia bench step --out-dir runs/bench-step --overwrite
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
