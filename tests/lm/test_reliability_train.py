@@ -128,3 +128,19 @@ def test_file_system_problems_are_one_line_before_any_work(tmp_path, case):
     assert "Traceback" not in proc.stderr
     assert str(blocker if case != "read-only" else tmp_path / "ro") in proc.stderr
     assert not (tmp_path / "data").exists() or case == "data-root-is-file"  # nothing prepared first
+
+
+def test_sample_needs_only_the_run_folder(tmp_path):
+    import shutil
+
+    corpus = _text(tmp_path / "plays.txt", 0)
+    for tok in ("byte", "bpe:300"):
+        run = tmp_path / f"run-{tok.replace(':', '')}"
+        data_root = tmp_path / f"data-{tok.replace(':', '')}"
+        assert _cli(["train", "--optimizer", "adamw", "--corpus", str(corpus), "--tokenizer", tok, "--data-root",
+                     str(data_root), "--out-dir", str(run), "--max-steps", "2", *SMALL]).returncode == 0
+        assert (run / "tokenizer" / "meta.json").is_file()
+        shutil.rmtree(data_root)  # the dataset is gone (or was on another machine)
+        proc = _cli(["sample", "--out-dir", str(run), "--start", "alpha", "--max-new-tokens", "10"])
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("alpha")

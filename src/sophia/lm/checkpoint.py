@@ -22,6 +22,7 @@ from sophia.lm.config import TrainError
 
 CHECKPOINT = "checkpoint.pt"  # the name earlier versions used (read, never written)
 METRICS = "metrics.jsonl"
+TOKENIZER_DIR = "tokenizer"  # what `sophia sample` needs to decode, kept in the run folder
 _NUMBERED = re.compile(r"checkpoint-(\d{8})\.pt")
 
 
@@ -161,3 +162,22 @@ def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             pass
     return events
+
+
+def keep_tokenizer(out_dir: Path, dataset_dir: Path) -> None:
+    """Copy the files that define the dataset's tokenizer (meta.json and a trained BPE's tokenizer.json, or
+    nanoGPT's meta.pkl) into ``out_dir/tokenizer``, so sampling needs no dataset."""
+    import shutil
+
+    target = Path(out_dir) / TOKENIZER_DIR
+    if target.is_dir():
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TOKENIZER_DIR}.", dir=out_dir))
+    try:
+        for name in ("meta.json", "tokenizer.json", "meta.pkl"):
+            if (Path(dataset_dir) / name).is_file():
+                shutil.copy2(Path(dataset_dir) / name, tmp / name)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

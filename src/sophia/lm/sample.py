@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from sophia.lm.checkpoint import load_checkpoint
+from sophia.lm.checkpoint import TOKENIZER_DIR, load_checkpoint
 from sophia.lm.config import TrainError
 from sophia.lm.model import GPT, GPTConfig
 
@@ -78,8 +78,9 @@ def stream(out_dir: str, *, start: str = "\n", max_new_tokens: int = 300, temper
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     model.eval()
+    kept = Path(out_dir) / TOKENIZER_DIR  # the run's own copy (runs since it existed); else the dataset's
     try:
-        tok = load_tokenizer(Path(ckpt["dataset_dir"]))
+        tok = load_tokenizer(kept if kept.is_dir() else Path(ckpt["dataset_dir"]))
     except DataError as e:
         raise TrainError(str(e)) from None
     try:

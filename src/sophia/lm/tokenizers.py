@@ -273,7 +273,7 @@ def load_tokenizer(dataset_dir: Path) -> Tokenizer:
             raise DataError(f"{d} was tokenized with {spec} but its {BPE_FILE} is missing; delete {d} and prepare "
                             "it again")
         return get_tokenizer(spec, model_dir=d)
-    if (d / "train.bin").is_file():
+    if (d / "train.bin").is_file() or (d / NANOGPT_META_FILE).is_file():
         nanogpt = read_nanogpt_meta(d)
         if nanogpt is None or nanogpt["vocab_size"] == GPT2_VOCAB_SIZE and "stoi" not in nanogpt:
             return GPT2Tokenizer()

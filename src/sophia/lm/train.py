@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from sophia.hessian import categorical_sampled_loss, hutchinson
-from sophia.lm.checkpoint import METRICS, MetricsLog, has_checkpoint, load_checkpoint, save_checkpoint
+from sophia.lm.checkpoint import METRICS, MetricsLog, has_checkpoint, keep_tokenizer, load_checkpoint, save_checkpoint
 from sophia.lm.config import TrainConfig, TrainError
 from sophia.lm.memory import GiB, device_memory_bytes, estimate, fit_advice, flops_per_token, peak_tflops
 from sophia.lm.model import GPT, GPTConfig
@@ -309,6 +309,7 @@ class Trainer:
         if self.dist.main:
             for stale in self.out_dir.glob(".checkpoint*.tmp"):  # left by a kill during a save
                 stale.unlink(missing_ok=True)
+            keep_tokenizer(self.out_dir, self.data.dir)
 
     def _check_memory(self, vocab: int) -> None:
         cfg = self.cfg
