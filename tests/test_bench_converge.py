@@ -205,3 +205,21 @@ def test_qk_norm_reaches_every_run_of_the_sweep(tmp_path):
         assert "--qk-norm" in cmd
     plain = Sweep(tmp_path, build_spec("tiny", ["adamw"], 10, 1, None, [0.05], 5, 1, "data", 1, True), 1)
     assert "--qk-norm" not in plain.command(Setting("adamw", 1e-3, None, 0), resume=False)
+
+
+def test_muon_sweeps_its_muon_lr_with_the_adamw_part_at_the_presets_lr():
+    from sophia.lm.config import resolve_config
+
+    spec = _spec(["adamw", "muon"], {"adamw": [4e-3, 8e-3], "muon": [0.01, 0.02]})
+    adamw_part = resolve_config("tiny", "muon").lr
+    assert spec["adamw_part_lr"] == {"muon": adamw_part}
+    cmd = Sweep(Path("unused"), spec, jobs=1).command(Setting("muon", 0.02, None, 1), resume=False)
+
+    def flag(name):
+        return cmd[cmd.index(name) + 1]
+
+    assert float(flag("--muon-lr")) == 0.02
+    assert (float(flag("--lr")), float(flag("--min-lr"))) == (adamw_part, adamw_part / 10)
+    adam = Sweep(Path("unused"), spec, jobs=1).command(Setting("adamw", 4e-3, None, 1), resume=False)
+    assert "--muon-lr" not in adam and float(adam[adam.index("--lr") + 1]) == 4e-3
+    assert "adamw_part_lr" not in _spec(["adamw"], {"adamw": [4e-3, 8e-3]})  # older sweeps continue unchanged

@@ -17,6 +17,7 @@ _HELP = {
     "tokenizer": "byte, gpt2 or bpe:N", "data_root": "where prepared datasets live",
     "grad_accum": "micro-batches per step over all ranks", "batch_size": "sequences per micro-batch",
     "lr_decay_steps": "end of the cosine decay (None: --max-steps)", "rho": "Sophia's clipping threshold",
+    "muon_lr": "muon: the lr of the hidden matrices (--lr is the AdamW part's: embeddings, norms, biases)",
     "hessian_interval": "k: steps between Hessian refreshes (Sophia, AdaHessian)",
     "hessian_batch_fraction": "fraction of the batch used for the Hessian estimate",
     "dtype": "auto (bf16 autocast on CUDA), float32 or bfloat16", "device": "auto, cpu or cuda[:N]",

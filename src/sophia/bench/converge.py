@@ -10,6 +10,11 @@ Every optimizer gets the same tuning procedure on the same preset, token budget 
    is left out of the comparison so that the optimizer with more settings to choose from gains
    nothing from a lucky tuning seed.
 
+For Muon the swept lr is its Muon lr (``--muon-lr``, the hidden matrices'), the one that matters;
+its AdamW part (embeddings, norms, biases) keeps the preset's lr, recorded in the sweep as
+``adamw_part_lr`` and passed as ``--lr`` with ``--min-lr`` a tenth of it. The Muon groups follow
+the same schedule at a fixed multiple, so the Muon lr too decays to a tenth.
+
 Each run is ``sophia train`` in its own process with one thread, ``jobs`` at a time. A run
 whose ``result.json`` exists is never redone; an interrupted one resumes from its checkpoint.
 A diverged run counts as infinitely bad and is not retried. The report compares the best
@@ -37,12 +42,14 @@ from sophia.lm.checkpoint import has_checkpoint, read_metrics
 from sophia.lm.config import TrainError, resolve_config
 from sophia.lm.presets import QUICK_MODEL
 
-OPTIMIZER_ORDER = ("adamw", "lion", "adahessian", "sophiah", "sophiag")
-NAMES = {"adamw": "AdamW", "lion": "Lion", "adahessian": "AdaHessian", "sophiah": "SophiaH", "sophiag": "SophiaG"}
+OPTIMIZER_ORDER = ("adamw", "lion", "muon", "adahessian", "sophiah", "sophiag")
+NAMES = {"adamw": "AdamW", "lion": "Lion", "muon": "Muon", "adahessian": "AdaHessian", "sophiah": "SophiaH",
+         "sophiag": "SophiaG"}
 # Starting lr grids (factor 2 apart) for the tiny preset; the edge rule moves them where needed.
 DEFAULT_LRS = {
     "adamw": (2e-3, 4e-3, 8e-3, 1.6e-2),
     "lion": (5e-4, 1e-3, 2e-3, 4e-3),
+    "muon": (0.01, 0.02, 0.04, 0.08),  # the Muon lr (--muon-lr); the AdamW part at the preset's lr
     "adahessian": (0.0375, 0.075, 0.15, 0.3),
     "sophiah": (2.5e-4, 5e-4, 1e-3, 2e-3),
     "sophiag": (2.5e-4, 5e-4, 1e-3, 2e-3),
@@ -87,8 +94,13 @@ class Sweep:
         cmd = [sys.executable, "-m", "sophia", "train", "--out-dir", str(self.run_dir(s)), "--no-progress"]
         if resume:
             return cmd + ["--resume", "--data-root", spec["data_root"]]
-        cmd += ["--preset", spec["preset"], "--optimizer", s.optimizer, "--lr", repr(s.lr),
-                "--min-lr", repr(s.lr / 10), "--seed", str(s.seed), "--max-steps", str(spec["steps"]),
+        if s.optimizer == "muon":  # the swept lr is Muon's; the AdamW part's is fixed (module docstring)
+            lr = spec["adamw_part_lr"]["muon"]
+            lrs = ["--muon-lr", repr(s.lr), "--lr", repr(lr), "--min-lr", repr(lr / 10)]
+        else:
+            lrs = ["--lr", repr(s.lr), "--min-lr", repr(s.lr / 10)]
+        cmd += ["--preset", spec["preset"], "--optimizer", s.optimizer, *lrs, "--seed", str(s.seed),
+                "--max-steps", str(spec["steps"]),
                 "--eval-every", str(spec["eval_every"]), "--eval-batches", str(spec["eval_batches"]),
                 "--checkpoint-every", str(spec["checkpoint_every"]), "--log-every", str(spec["eval_every"]),
                 "--warmup-steps", str(spec["warmup_steps"]), "--data-root", spec["data_root"]]
@@ -464,6 +476,7 @@ def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: 
         model["qk_norm"] = True
     warmup = max(1, steps // 10) if quick else None
     grids, default_rho, tokens_per_step, warmup_steps = {}, {}, None, None
+    adamw_part_lr: dict[str, float] = {}
     for opt in optimizers:
         if opt not in NAMES:
             raise TrainError(f"unknown optimizer {opt!r} for bench converge; choose from {', '.join(NAMES)}")
@@ -476,7 +489,10 @@ def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: 
         grids[opt] = sorted({float(f"{float(x):.6g}") for x in grid})  # no two runs in one folder
         if is_sophia(opt):
             default_rho[opt] = cfg.rho
-    return {"preset": preset, "optimizers": optimizers, "steps": steps, "seeds": seeds, "lrs": grids,
+        if opt == "muon":
+            adamw_part_lr = {"muon": cfg.lr}
+    extra = {"adamw_part_lr": adamw_part_lr} if "muon" in optimizers else {}  # older sweeps' specs stay equal
+    return {**extra, "preset": preset, "optimizers": optimizers, "steps": steps, "seeds": seeds, "lrs": grids,
             "rhos": sorted({float(f"{float(r):.6g}") for r in rhos}), "default_rho": default_rho,
             "eval_every": eval_every,
             "eval_batches": eval_batches, "checkpoint_every": max(eval_every, steps // 4),
@@ -496,7 +512,7 @@ def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = N
         optimizers = optimizers or ["adamw", "sophiag"]
         steps, seeds, eval_every, eval_batches = 20, 2, 5, 2
         lrs = lrs or {"adamw": [4e-3, 8e-3], "sophiag": [5e-4, 1e-3], "sophiah": [5e-4, 1e-3],
-                      "lion": [5e-4, 1e-3], "adahessian": [0.075, 0.15]}
+                      "lion": [5e-4, 1e-3], "adahessian": [0.075, 0.15], "muon": [0.01, 0.02]}
         rhos = rhos or [0.05, 0.2]
     optimizers = optimizers or list(OPTIMIZER_ORDER)
     if steps < 1 or seeds < 1 or jobs < 1 or eval_every < 1 or eval_batches < 1:

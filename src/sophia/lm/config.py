@@ -46,6 +46,7 @@ class TrainConfig:
     beta2: float = 0.95
     rho: float = 0.05
     eps: float | None = None
+    muon_lr: float | None = None  # Muon's hidden matrices (--lr is its AdamW part's); None: the preset's
     grad_clip: float = 1.0  # 0 disables
     hessian_interval: int = 10
     hessian_batch_fraction: float = 1.0
@@ -109,6 +110,10 @@ class TrainConfig:
             raise TrainError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.optimizer not in OPTIMIZERS:
             raise TrainError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.muon_lr is not None and not (math.isfinite(self.muon_lr) and self.muon_lr > 0):
+            raise TrainError(f"--muon-lr must be a finite number > 0, got {self.muon_lr!r}")
+        if self.muon_lr is not None and self.optimizer != "muon":
+            raise TrainError(f"--muon-lr is the lr of --optimizer muon's matrices; {self.optimizer} has none")
         if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
             raise TrainError(f"--eps must be a finite number > 0, got {self.eps!r}")
         for name in ("device_memory_gib", "peak_tflops", "dist_timeout_min"):

@@ -1,7 +1,8 @@
 """The optimizers the harness knows, built the same way for every one.
 
 Lion and AdaHessian come from ``pytorch-optimizer``; their behaviour is checked against
-independent formulas in tests/lm/test_optimizers.py before results rely on them.
+independent formulas in tests/lm/test_optimizers.py before results rely on them. Muon is
+torch's, on the GPT's hidden matrices, with torch's AdamW on the rest (:mod:`sophia.lm.muon`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from sophia.lm.muon import DEFAULT_MUON_LR, MuonAdamW, split_gpt_groups
 from sophia.optim import SophiaG, SophiaH
 
-OPTIMIZERS = ("adamw", "sophiag", "sophiah", "lion", "adahessian", "sgd")
+OPTIMIZERS = ("adamw", "sophiag", "sophiah", "lion", "adahessian", "sgd", "muon")
 # Optimizers whose training backward must keep its graph on Hessian steps (they differentiate p.grad
 # inside step()). Sophia-H does not: the harness hands it a Hutchinson estimate computed separately.
 NEEDS_CREATE_GRAPH = ("adahessian",)
@@ -27,13 +29,15 @@ class OptimizerSettings:
     rho: float = 0.05          # Sophia only
     eps: float | None = None   # None: the optimizer's own default
     hessian_interval: int = 10  # Sophia-G refresh period k; Sophia-H / AdaHessian update_period
+    muon_lr: float | None = None  # Muon only: the hidden matrices' lr (``lr`` is the AdamW part's); None: 0.02
 
 
 def build_optimizer(name: str, param_groups: list[dict], s: OptimizerSettings, *, fused: bool = False,
-                    cuda_graph: bool = False) -> torch.optim.Optimizer:
+                    cuda_graph: bool = False) -> torch.optim.Optimizer | MuonAdamW:
     """``param_groups`` carry their own weight_decay (0 for vectors); other settings from ``s``.
 
-    ``fused``: torch's fused AdamW kernel (CUDA); ``cuda_graph``: SophiaG's step replayed from a CUDA graph."""
+    ``fused``: torch's fused AdamW kernel (CUDA); ``cuda_graph``: SophiaG's step replayed from a CUDA graph.
+    ``muon`` needs the groups of :meth:`sophia.lm.model.GPT.param_groups` (it splits off the hidden matrices)."""
     betas = (s.beta1, s.beta2)
     eps = {} if s.eps is None else {"eps": s.eps}
     if name == "adamw":
@@ -56,6 +60,11 @@ def build_optimizer(name: str, param_groups: list[dict], s: OptimizerSettings, *
                           update_period=s.hessian_interval, hessian_distribution="rademacher", **eps)
     if name == "sgd":
         return torch.optim.SGD(param_groups, lr=s.lr, momentum=s.beta1, weight_decay=s.weight_decay)
+    if name == "muon":
+        muon_groups, adamw_groups = split_gpt_groups(param_groups)
+        muon_lr = DEFAULT_MUON_LR if s.muon_lr is None else s.muon_lr
+        return MuonAdamW(muon_groups, adamw_groups, lr=s.lr, muon_lr=muon_lr,
+                         weight_decay=s.weight_decay, betas=betas, **eps, **({"fused": True} if fused else {}))
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 

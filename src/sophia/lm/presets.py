@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-# Per-optimizer settings: lr, min_lr, weight_decay, beta1, beta2, rho (Sophia).
+# Per-optimizer settings: lr, min_lr, weight_decay, beta1, beta2, rho (Sophia), muon_lr (Muon: the hidden
+# matrices' lr; its lr, min_lr and betas are the AdamW part's, for embeddings, norms and biases).
 _CPU_OPTIMIZERS = {
     "adamw": dict(lr=2e-3, min_lr=2e-4, weight_decay=0.1, beta1=0.9, beta2=0.95),
     "sophiag": dict(lr=2e-3, min_lr=2e-4, weight_decay=0.2, beta1=0.965, beta2=0.99, rho=0.05),
@@ -22,6 +23,7 @@ _CPU_OPTIMIZERS = {
     # estimate is exactly zero take a step of m / 1e-16 (seen under bf16 autocast: weights of 1e11 after one step).
     "adahessian": dict(lr=0.15, min_lr=0.015, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-4),
     "sgd": dict(lr=0.3, min_lr=0.03, weight_decay=0.0, beta1=0.9, beta2=0.0),
+    "muon": dict(lr=2e-3, min_lr=2e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, muon_lr=0.02),
 }
 
 
@@ -42,6 +44,8 @@ def _gpt2(n_layer, n_head, n_embd, sophia_lr, rho, sophia_min_lr, adam_lr, adam_
             "lion": dict(lr=lion_lr, min_lr=lion_lr / 10, weight_decay=1.0, beta1=0.95, beta2=0.98),
             "adahessian": dict(lr=0.15, min_lr=0.015, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-4),
             "sgd": dict(lr=0.3, min_lr=0.03, weight_decay=0.0, beta1=0.9, beta2=0.0),
+            # AdamW's settings for the AdamW part; muon_lr 0.02 (Keller Jordan's default) is untuned here.
+            "muon": dict(lr=adam_lr, min_lr=adam_min_lr, weight_decay=0.1, beta1=0.9, beta2=0.95, muon_lr=0.02),
         },
     )
 

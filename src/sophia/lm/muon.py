@@ -1,0 +1,129 @@
+"""Muon on the GPT's hidden matrices, AdamW on the rest, as one optimizer for the training loop.
+
+Muon (``torch.optim.Muon``) orthogonalises each matrix's momentum with a Newton-Schulz
+iteration; it is meant for the 2-D weights of hidden layers only. Embeddings (the token
+embedding, tied to the output head, and the position embedding), LayerNorm parameters, biases
+and QK-norm gains go to ``torch.optim.AdamW``. :class:`MuonAdamW` holds the two and shows the
+loop one object: one ``step``, one ``zero_grad``, one ``state_dict`` in torch's own layout
+(``state`` and ``param_groups``, the Muon groups first, parameters numbered across both), so a
+checkpoint resumes bitwise.
+
+Learning rates: the Muon groups carry ``lr_scale = muon_lr / lr``; the training loop sets every
+group's lr to the schedule's value times its ``lr_scale`` (1 where absent), so ``--lr`` is the
+AdamW part's lr and the Muon lr follows the same warm-up and cosine at a fixed multiple.
+torch's Muon then scales a matrix's step by ``sqrt(max(1, rows / cols))`` (its default
+``adjust_lr_fn``, Keller Jordan's), and decays weights by ``lr * weight_decay`` per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MUON_MOMENTUM = 0.95  # torch's and Keller Jordan's default (Nesterov)
+DEFAULT_MUON_LR = 0.02
+
+
+def split_gpt_groups(param_groups: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the Muon groups, the AdamW groups) of :meth:`sophia.lm.model.GPT.param_groups`' output.
+
+    GPT registers the token and position embeddings before its blocks, so the matrix group lists
+    ``wte`` (also the tied ``lm_head``), ``wpe``, then four matrices per block: attention qkv (3d x d)
+    and proj (d x d), MLP fc (4d x d) and fc2 (d x 4d). The shapes are checked, so another layout
+    is refused instead of being split wrongly. Both parts keep the matrix group's weight decay.
+    """
+    matrices = [g for g in param_groups if any(p.dim() >= 2 for p in g["params"])]
+    if len(matrices) != 1 or any(p.dim() != 2 for p in matrices[0]["params"]):
+        raise ValueError("muon expects the parameter groups of GPT.param_groups: one group of matrices "
+                         "(embeddings first) and one of vectors")
+    group = matrices[0]
+    params = list(group["params"])
+    embeddings, hidden = params[:2], params[2:]
+    d = embeddings[0].shape[1] if embeddings else 0
+    expected = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * (len(hidden) // 4)
+    if len(embeddings) != 2 or [tuple(p.shape) for p in hidden] != expected or len(hidden) % 4:
+        raise ValueError("muon expects GPT.param_groups' matrices in GPT's order: wte, wpe, then qkv, proj, "
+                         f"fc, fc2 per block; got shapes {[tuple(p.shape) for p in params]}")
+    adamw_groups = [{**group, "params": embeddings}] + [g for g in param_groups if g is not group]
+    return [{**group, "params": hidden}], adamw_groups
+
+
+class MuonAdamW:
+    """``torch.optim.Muon`` on ``muon_groups`` (2-D parameters only) and ``torch.optim.AdamW`` on
+    ``adamw_groups``, stepped together; ``weight_decay`` is the default for groups without their own.
+
+    ``param_groups`` is the Muon groups then the AdamW groups (the inner optimizers' own dicts, so
+    setting a group's ``lr`` reaches them); ``state`` maps every parameter to its state.
+
+    >>> w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.zeros(4))
+    >>> opt = MuonAdamW([{"params": [w]}], [{"params": [b]}], lr=1e-3, muon_lr=0.02, weight_decay=0.1)
+    >>> [g["lr"] for g in opt.param_groups], opt.param_groups[0]["lr_scale"]
+    ([0.02, 0.001], 20.0)
+    >>> (w.sum() + b.sum()).backward(); opt.step(); opt.zero_grad()
+    >>> sorted(len(s) for s in opt.state.values())  # Muon: momentum; AdamW: step, exp_avg, exp_avg_sq
+    [1, 3]
+    """
+
+    def __init__(self, muon_groups: list[dict], adamw_groups: list[dict], *, lr: float, muon_lr: float,
+                 weight_decay: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 momentum: float = MUON_MOMENTUM, fused: bool | None = None) -> None:
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not muon_lr > 0:
+            raise ValueError(f"muon_lr must be > 0, got {muon_lr}")
+        self.muon = torch.optim.Muon([{**g, "lr_scale": muon_lr / lr} for g in muon_groups], lr=muon_lr,
+                                     weight_decay=weight_decay, momentum=momentum, nesterov=True)
+        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                       fused=fused)
+        self.param_groups: list[dict[str, Any]] = self.muon.param_groups + self.adamw.param_groups
+
+    @property
+    def state(self) -> dict[Tensor, dict[str, Any]]:
+        """Every parameter's state (a merged view: read it, do not assign through it)."""
+        return {**self.muon.state, **self.adamw.state}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def _n_muon_params(self) -> int:
+        return sum(len(g["params"]) for g in self.muon.param_groups)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout for all groups at once: AdamW's parameter indices follow Muon's."""
+        m, a = self.muon.state_dict(), self.adamw.state_dict()
+        k = self._n_muon_params()
+        return {"state": {**m["state"], **{i + k: s for i, s in a["state"].items()}},
+                "param_groups": m["param_groups"]
+                + [{**g, "params": [i + k for i in g["params"]]} for g in a["param_groups"]]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = state_dict["param_groups"]
+        n_muon = len(self.muon.param_groups)
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the state dict has {len(groups)} parameter groups; this Muon + AdamW has "
+                             f"{len(self.param_groups)}")
+        k = self._n_muon_params()
+        state = state_dict["state"]
+        self.muon.load_state_dict({"state": {i: s for i, s in state.items() if int(i) < k},
+                                   "param_groups": groups[:n_muon]})
+        self.adamw.load_state_dict({"state": {int(i) - k: s for i, s in state.items() if int(i) >= k},
+                                    "param_groups": [{**g, "params": [i - k for i in g["params"]]}
+                                                     for g in groups[n_muon:]]})
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+    def __repr__(self) -> str:
+        return f"MuonAdamW(\n{self.muon!r},\n{self.adamw!r})"
