@@ -101,18 +101,18 @@ def test_estimate_within_25_percent_of_the_measured_cpu_peak(optimizer):
     assert abs(est - measured) <= 0.25 * measured, (est / 2**20, measured / 2**20)
 
 
-def _dry(*args: str) -> dict:
-    proc = _cli(["train", "--dry-run", "--json", *args])
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+def _dry(capsys, *args: str) -> dict:
+    capsys.readouterr()
+    assert main(["train", "--dry-run", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_dry_run_every_preset(preset, tmp_path):
+def test_dry_run_every_preset(preset, tmp_path, capsys):
     optimizers = ["adamw", "sophiag", "sophiah"] if preset.startswith("gpt2") else ["sophiag"]
     for optimizer in optimizers:
-        plan = _dry("--preset", preset, "--optimizer", optimizer, "--device", "cuda", "--device-memory-gib", "80",
-                    "--world-size", "8", "--data-root", str(tmp_path / "nothing"))
+        plan = _dry(capsys, "--preset", preset, "--optimizer", optimizer, "--device", "cuda",
+                    "--device-memory-gib", "80", "--world-size", "8", "--data-root", str(tmp_path / "nothing"))
         assert {"parameters", "tokens_per_step", "memory_gib", "fits"} <= set(plan)
         p = PRESETS[preset]
         assert plan["tokens_per_step"] == p["batch_size"] * p["block_size"] * max(p["grad_accum"], 8)
@@ -120,8 +120,8 @@ def test_dry_run_every_preset(preset, tmp_path):
     assert not (tmp_path / "nothing").exists()  # no data touched
 
 
-def test_dry_run_refuses_the_impossible_and_text_mode(tmp_path):
-    plan = _dry("--preset", "gpt2-large", "--optimizer", "adamw", "--batch-size", "64", "--device", "cuda",
+def test_dry_run_refuses_the_impossible_and_text_mode(tmp_path, capsys):
+    plan = _dry(capsys, "--preset", "gpt2-large", "--optimizer", "adamw", "--batch-size", "64", "--device", "cuda",
                 "--device-memory-gib", "80", "--world-size", "8")
     assert plan["fits"] is False and plan["memory_gib"] > 72
     assert "--batch-size" in plan["advice"] and "--grad-accum" in plan["advice"]
