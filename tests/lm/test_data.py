@@ -468,6 +468,10 @@ def test_nanogpt_directories_load(tmp_path):
     stoi = {c: i for i, c in enumerate(chars)}
     with open(d / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": len(chars), "stoi": stoi, "itos": {i: c for c, i in stoi.items()}}, f)
+    with pytest.raises(DataError, match="token id 49950"):  # GPT-2 ids under a 7-character vocabulary
+        load_dataset(d)
+    (np.arange(1000, dtype=np.uint16) % len(chars)).tofile(d / "train.bin")
+    (np.arange(100, dtype=np.uint16) % len(chars)).tofile(d / "val.bin")
     assert load_dataset(d).vocab_size == len(chars)
     tok = load_tokenizer(d)
     assert isinstance(tok, CharTokenizer) and tok.decode(tok.encode("hello")) == "hello"
