@@ -89,6 +89,8 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = resolve_config(preset, optimizer, overrides)
     cfg.out_dir = out_dir
+    for key in _unused_settings(cfg.optimizer, overrides):
+        print(f"note: --{key.replace('_', '-')} has no effect with --optimizer {cfg.optimizer}", file=sys.stderr)
     if args.json and not args.dry_run:
         raise TrainError("--json goes with --dry-run")
     if args.dry_run:
@@ -112,6 +114,15 @@ def _train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
     return 0
+
+
+# Settings only some optimizers read; given explicitly to another, they are said to do nothing.
+_USED_BY = {"rho": ("sophiag", "sophiah"), "hessian_interval": ("sophiag", "sophiah", "adahessian"),
+            "hessian_batch_fraction": ("sophiag", "sophiah"), "muon_lr": ("muon",)}
+
+
+def _unused_settings(optimizer: str, overrides: dict) -> list[str]:
+    return [k for k, users in _USED_BY.items() if overrides.get(k) is not None and optimizer not in users]
 
 
 def _resolved_corpus(corpus: str) -> str:

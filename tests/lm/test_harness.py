@@ -296,7 +296,8 @@ def test_a_fresh_run_keeps_an_earlier_metrics_log(corpus, tmp_path):
     assert len(kept) == 1 and '"mine": true' in kept[0].read_text()
 
 
-def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_continue(corpus, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_continue(corpus, tmp_path, sig):
     args = _args(corpus, tmp_path, "term", "adamw", 400, "--checkpoint-every", "1000")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "sophia", *args], env=env, stdout=subprocess.PIPE,
@@ -307,14 +308,27 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_continue(
         if metrics.exists() and metrics.read_text().count('"train"') >= 5:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "--resume" in err
     step = torch.load(list_checkpoints(tmp_path / "term")[0], weights_only=True)["step"]
     assert 5 <= step < 400
     stopped = [e for e in read_metrics(tmp_path / "term") if e["event"] == "stopped"]
-    assert stopped and stopped[0]["step"] == step and stopped[0]["signal"] == "SIGTERM"
+    assert stopped and stopped[0]["step"] == step and stopped[0]["signal"] == sig.name
+    resumed = _cli(["train", "--out-dir", str(tmp_path / "term"), "--resume", "--max-steps", str(step + 2),
+                    "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_help_describes_the_override_flags_and_unused_settings_are_said(corpus, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    assert "Sophia's clipping threshold" in out and "default: the preset's, else 0.05" in out
+    assert main(_args(corpus, tmp_path, "note", "adamw", 1, "--rho", "0.2", "--hessian-interval", "3")) == 0
+    err = capsys.readouterr().err
+    assert "--rho has no effect with --optimizer adamw" in err and "--hessian-interval has no effect" in err
 
 
 # -- distributed ---------------------------------------------------------------------------------------------------
