@@ -49,7 +49,7 @@ NAMES = {"adamw": "AdamW", "lion": "Lion", "muon": "Muon", "adahessian": "AdaHes
 DEFAULT_LRS = {
     "adamw": (2e-3, 4e-3, 8e-3, 1.6e-2),
     "lion": (5e-4, 1e-3, 2e-3, 4e-3),
-    "muon": (0.01, 0.02, 0.04, 0.08),  # the Muon lr (--muon-lr); the AdamW part at the preset's lr
+    "muon": (0.02, 0.04, 0.08, 0.16),  # the Muon lr (--muon-lr); the AdamW part at the preset's lr
     "adahessian": (0.0375, 0.075, 0.15, 0.3),
     "sophiah": (2.5e-4, 5e-4, 1e-3, 2e-3),
     "sophiag": (2.5e-4, 5e-4, 1e-3, 2e-3),

@@ -51,10 +51,12 @@ def _gpt2(n_layer, n_head, n_embd, sophia_lr, rho, sophia_min_lr, adam_lr, adam_
 
 
 # tiny: AdamW and SophiaG lrs from a small single-seed grid at 400 steps
-# (benchmarks/results/tiny-lr-grid/README.md); the others are untuned starting points.
+# (benchmarks/results/tiny-lr-grid/README.md); Muon's from one at 300 steps (benchmarks/results/
+# muon-tiny-grid/README.md: muon_lr 0.04 and 0.08 tied, 0.16 far worse); the others are untuned.
 _TINY_OPTIMIZERS = {**_CPU_OPTIMIZERS,
                     "adamw": dict(_CPU_OPTIMIZERS["adamw"], lr=8e-3, min_lr=8e-4),
-                    "sophiag": dict(_CPU_OPTIMIZERS["sophiag"], lr=1e-3, min_lr=1e-4)}
+                    "sophiag": dict(_CPU_OPTIMIZERS["sophiag"], lr=1e-3, min_lr=1e-4),
+                    "muon": dict(_CPU_OPTIMIZERS["muon"], lr=8e-3, min_lr=8e-4, muon_lr=0.04)}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # About 0.8M parameters on byte-level Shakespeare: 1000 steps in minutes on 2 CPU cores.
