@@ -152,13 +152,13 @@ def test_a_state_dict_of_another_shape_is_refused():
         opt.load_state_dict(sd)
 
 
-def test_muon_lr_is_validated_and_belongs_to_muon_only():
-    assert resolve_config("tiny", "muon").muon_lr is not None  # every preset has a default
+def test_muon_lr_is_validated_and_every_preset_has_one():
+    assert resolve_config("tiny", "muon").muon_lr == 0.04  # benchmarks/results/muon-tiny-grid
     assert resolve_config("gpt2-small", "muon").muon_lr == 0.02
-    with pytest.raises(TrainError, match="--muon-lr"):
-        resolve_config("tiny", "muon", {"muon_lr": 0.0})
-    with pytest.raises(TrainError, match="--muon-lr"):
-        resolve_config("tiny", "adamw", {"muon_lr": 0.02})
+    assert resolve_config("tiny", "adamw").muon_lr is None
+    for bad in (0.0, -0.02, float("nan")):
+        with pytest.raises(TrainError, match="--muon-lr"):
+            resolve_config("tiny", "muon", {"muon_lr": bad})
 
 
 # -- through the harness -------------------------------------------------------------------------------------
@@ -192,6 +192,13 @@ def test_train_runs_muon_groups_at_the_schedule_times_their_scale(corpus, tmp_pa
     assert groups[0]["lr_scale"] == pytest.approx(0.03 / 4e-3)
     assert groups[0]["lr"] == pytest.approx(lr * 0.03 / 4e-3, rel=1e-12)
     assert [g["lr"] for g in groups[1:]] == [lr, lr]
+
+
+def test_muon_lr_given_to_another_optimizer_is_said_to_do_nothing(corpus, tmp_path, capsys):
+    args = _args(corpus, tmp_path, "adamw", 1, "--muon-lr", "0.05")
+    args[args.index("muon")] = "adamw"
+    assert main(args) == 0
+    assert "--muon-lr has no effect with --optimizer adamw" in capsys.readouterr().err
 
 
 def test_resume_from_a_mid_run_checkpoint_ends_bitwise_equal(corpus, tmp_path, capsys):

@@ -112,8 +112,6 @@ class TrainConfig:
             raise TrainError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.muon_lr is not None and not (math.isfinite(self.muon_lr) and self.muon_lr > 0):
             raise TrainError(f"--muon-lr must be a finite number > 0, got {self.muon_lr!r}")
-        if self.muon_lr is not None and self.optimizer != "muon":
-            raise TrainError(f"--muon-lr is the lr of --optimizer muon's matrices; {self.optimizer} has none")
         if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
             raise TrainError(f"--eps must be a finite number > 0, got {self.eps!r}")
         for name in ("device_memory_gib", "peak_tflops", "dist_timeout_min"):

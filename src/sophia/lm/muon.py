@@ -11,8 +11,13 @@ checkpoint resumes bitwise.
 Learning rates: the Muon groups carry ``lr_scale = muon_lr / lr``; the training loop sets every
 group's lr to the schedule's value times its ``lr_scale`` (1 where absent), so ``--lr`` is the
 AdamW part's lr and the Muon lr follows the same warm-up and cosine at a fixed multiple.
-torch's Muon then scales a matrix's step by ``sqrt(max(1, rows / cols))`` (its default
-``adjust_lr_fn``, Keller Jordan's), and decays weights by ``lr * weight_decay`` per step.
+The scale is saved with the optimizer's state, so ``--resume`` with a new ``--lr`` moves the Muon
+lr by the same factor (``--muon-lr`` itself cannot change on resume). torch's Muon then scales a
+matrix's step by ``sqrt(max(1, rows / cols))`` (its default ``adjust_lr_fn``, Keller Jordan's) and
+decays weights by ``lr * weight_decay`` per step.
+
+Cost: torch runs the iteration in bfloat16. On a CPU without fast bfloat16 matmuls (AVX2) that
+costs about as much as the forward and backward of ``tiny`` (benchmarks/results/muon-tiny-grid).
 """
 
 from __future__ import annotations
