@@ -20,9 +20,9 @@ def test_demo_trains_both_optimizers_and_plots(tmp_path, capsys):
     png = tmp_path / "demo" / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = tmp_path / "demo" / "sophiag"
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert main(args) == 0  # a second demo reuses the finished runs, overwriting nothing
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_demo_rejects_bad_steps(capsys):

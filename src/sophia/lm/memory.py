@@ -240,10 +240,8 @@ def measure_peak_bytes(*, n_layer: int, n_head: int, n_embd: int, block_size: in
     """The measured peak memory of training steps (forward, backward, clip, optimizer step, and Sophia-G's
     refresh) of the model :func:`estimate` describes, above what the process held before the model existed.
 
-    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the peak resident set size (``ru_maxrss``), so call it
-    in a fresh process, ideally with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave the heap."""
-    import resource
-
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the peak resident set size (VmHWM, reset before the model
+    is built), ideally with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave the heap."""
     from sophia.hessian import categorical_sampled_loss
     from sophia.lm.model import GPT, GPTConfig
     from sophia.lm.optimizers import OptimizerSettings, build_optimizer
@@ -255,6 +253,7 @@ def measure_peak_bytes(*, n_layer: int, n_head: int, n_embd: int, block_size: in
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
     else:
+        _reset_peak_rss()  # earlier peaks (imports) must not count
         with open("/proc/self/statm") as f:
             base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     cfg = GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
@@ -280,4 +279,26 @@ def measure_peak_bytes(*, n_layer: int, n_head: int, n_embd: int, block_size: in
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         return torch.cuda.max_memory_allocated(dev) - base
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return _peak_rss() - base
+
+
+def _reset_peak_rss() -> None:
+    try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    """VmHWM (the peak since the last reset) where /proc has it, else ru_maxrss (the lifetime peak)."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
