@@ -275,10 +275,11 @@ class Trainer:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.cuda else None)
         settings = OptimizerSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2,
-                                     rho=cfg.rho, eps=cfg.eps, hessian_interval=cfg.hessian_interval)
+                                     rho=cfg.rho, eps=cfg.eps, hessian_interval=cfg.hessian_interval,
+                                     muon_lr=cfg.muon_lr)
         fast = cfg.fused_optimizer and self.cuda
         self.opt = build_optimizer(cfg.optimizer, self.raw_model.param_groups(cfg.weight_decay), settings,
-                                   fused=fast and cfg.optimizer == "adamw",
+                                   fused=fast and cfg.optimizer in ("adamw", "muon"),
                                    cuda_graph=fast and cfg.optimizer == "sophiag")
         # The CUDA-graph step replays on the same gradient tensors: keep them, zeroed in place.
         self.grads_to_none = not (fast and cfg.optimizer == "sophiag")
