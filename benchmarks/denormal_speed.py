@@ -37,7 +37,7 @@ def main() -> None:
         data = load_dataset(Path(ckpt["dataset_dir"]))
         x, y = fixed_batches(data.val, cfg["batch_size"], cfg["block_size"], 1, seed=7)[0]
 
-        def fwd_bwd():
+        def fwd_bwd(model=model, x=x, y=y):
             model.zero_grad(set_to_none=True)
             model(x, y)[1].backward()
 

@@ -65,7 +65,8 @@ def main() -> None:
              f"Device {a.device}; micro-batch as in each preset (12 x 1024 for GPT-2), bf16 autocast on CUDA; "
              "two training steps with clip and optimizer step (and Sophia-G's refresh); measured = "
              "max_memory_allocated above the memory held before the model; estimate without the CUDA-context term.",
-             "", "| preset | optimizer | measured GiB | estimate GiB | estimate / measured |", "|---|---|---:|---:|---:|"]
+             "", "| preset | optimizer | measured GiB | estimate GiB | estimate / measured |",
+             "|---|---|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['preset']} | {r['optimizer']} | error: {r['error'][:80]} | | |")
