@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -30,14 +29,6 @@ SMALL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "1
          "--eval-batches", "3", "--warmup-steps", "3", "--log-every", "1", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(1)
-    words = ["the", "king", "queen", "sword", "crown", "night", "day", "love", "death", "and", "of"]
-    text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(3000))
-    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
-    path.write_text(text)
-    return path
 
 
 def _args(corpus: Path, tmp: Path, out: str, optimizer: str, steps: int, *extra: str) -> list[str]:

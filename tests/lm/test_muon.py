@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import io
-import random
 import shutil
 from pathlib import Path
 
@@ -166,13 +165,6 @@ SMALL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "1
          "--eval-batches", "2", "--warmup-steps", "3", "--log-every", "1", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    words = ["the", "king", "queen", "sword", "crown", "night", "day", "love", "death", "and", "of"]
-    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(1000)))
-    return path
 
 
 def _args(corpus: Path, tmp: Path, out: str, steps: int, *extra: str) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from sophia.lm.config import TrainError
+from sophia.lm.data import fsync_dir
 
 CHECKPOINT = "checkpoint.pt"  # the name earlier versions used (read, never written)
 METRICS = "metrics.jsonl"
@@ -42,19 +43,6 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 def has_checkpoint(out_dir: Path) -> bool:
     return bool(list_checkpoints(out_dir))
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, writer) -> None:

@@ -235,7 +235,7 @@ def _prepare(target: Path, label: str, spec: str,
         documents, separate = open_source()
         meta = _build(partial, label, spec, documents, separate=separate, val_fraction=val_fraction, log=log)
         _write_json_durably(partial / META_FILE, meta)  # last: the completeness marker
-        _fsync_dir(partial)
+        fsync_dir(partial)
         try:
             os.rename(partial, target)  # atomic; fails if another process has put a non-empty target in place
         except OSError:
@@ -245,7 +245,7 @@ def _prepare(target: Path, label: str, spec: str,
                 log(f"{target}: already prepared by another process")
                 return target
             raise
-        _fsync_dir(data_root)
+        fsync_dir(data_root)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -664,7 +664,7 @@ def _write_json_durably(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
