@@ -36,6 +36,7 @@ import torch.distributed as dist
 from sophia.hessian import categorical_sampled_loss, hutchinson
 from sophia.lm.checkpoint import METRICS, MetricsLog, has_checkpoint, keep_tokenizer, load_checkpoint, save_checkpoint
 from sophia.lm.config import TrainConfig, TrainError
+from sophia.lm.device import resolve_device as check_device
 from sophia.lm.memory import GiB, device_memory_bytes, estimate, fit_advice, flops_per_token, peak_tflops
 from sophia.lm.model import GPT, GPTConfig
 from sophia.lm.optimizers import NEEDS_CREATE_GRAPH, OptimizerSettings, build_optimizer, needs_create_graph
@@ -54,19 +55,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def resolve_device(device_pref: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
-    """The device ``--device`` names (``auto``: CUDA when present); a TrainError for a bad or absent one."""
-    if device_pref == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif device_pref == "cpu" or device_pref.startswith("cuda"):
-        try:
-            device = torch.device(device_pref)
-        except RuntimeError:
-            raise TrainError(f"--device must be auto, cpu or cuda[:N], got {device_pref!r}") from None
-    else:
-        raise TrainError(f"--device must be auto, cpu or cuda[:N], got {device_pref!r}")
+    """The device ``--device`` names (``auto``: CUDA when present); under torchrun, each rank's own GPU."""
+    device = check_device(device_pref, allow_auto=True)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainError(f"--device {device_pref}: CUDA is not available on this machine")
         if world_size > 1:
             device = torch.device("cuda", local_rank)
         elif device.index is None:
