@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from sophia.cli import main
 
@@ -44,6 +45,14 @@ def test_bench_step_quick_writes_report_and_results(tmp_path, capsys):
     assert rows["AdamW fused"]["state_bytes_per_param"] == 8.0
     assert rows["Lion (pytorch-optimizer)"]["state_bytes_per_param"] == 4.0
     assert rows["SophiaH (pytorch-optimizer)"]["state_bytes_per_param"] == 12.0
+    # Muon keeps one fp32 buffer on the block matrices, the AdamW part two on the embeddings and vectors
+    from sophia.bench.step import PRESETS, gpt_like_shapes
+
+    shapes = gpt_like_shapes(**PRESETS["quick"])
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    in_muon = sum(n for s, n in zip(shapes[2:], sizes[2:]) if len(s) == 2)
+    assert rows["Muon + AdamW (torch, as in sophia train)"]["state_bytes_per_param"] == pytest.approx(
+        (4 * in_muon + 8 * (sum(sizes) - in_muon)) / sum(sizes))
     assert result["machine"]["torch"] and result["stream_bandwidth_GBps"] > 0
     report = (tmp_path / "report.md").read_text()
     assert "Command:" in report and "| SophiaG for-loop |" in report

@@ -41,6 +41,9 @@ PRESETS = {
 
 # Tensor streams each variant reads or writes per parameter element per step.
 STREAMS = {"sophiag": 6, "sophiah": 6, "adamw": 7, "lion": 5,
+           # Muon on the matrices: read p, g, buf; write p, buf (its Newton-Schulz iteration is compute-bound,
+           # so its time over this floor says little about memory traffic)
+           "muon": 5,
            # pytorch-optimizer's SophiaH re-averages its last estimate into the EMA on every step:
            # read p, g, m, h_ema, h; write p, m, h_ema
            "po-sophiah": 8}
@@ -109,6 +112,16 @@ def _variants(shapes, dtype, include_compiled: bool, device: torch.device) -> li
             step_fn=lambda opt: (lambda: opt.step(bs=5120)))
     except ImportError:
         pass
+    if hasattr(torch.optim, "Muon"):
+        from sophia.lm.optimizers import OptimizerSettings, build_optimizer
+
+        def muon(ps):  # the harness's Muon: torch's on the 2-D matrices (in GPT order), AdamW on the rest
+            groups = [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.1},
+                      {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
+            return build_optimizer("muon", groups, OptimizerSettings(lr=1e-4, weight_decay=0.1, beta1=0.9,
+                                                                     beta2=0.95, muon_lr=0.02))
+
+        add("Muon + AdamW (torch, as in sophia train)", "muon", muon)
     try:
         from pytorch_optimizer import Lion
 
@@ -216,10 +229,11 @@ def report(result: dict, command: str) -> str:
                      f"{r['state_bytes_per_param']:.1f} |")
     lines += ["", "Byte floor: streams per element (SophiaG/H 6: read p, g, m, h, write p, m; AdamW 7; "
               "Lion 5; pytorch-optimizer's SophiaH 8, since it folds its stored estimate into the EMA on every "
-              "step) x element size x parameters / measured bandwidth.",
+              "step; Muon 5, but its Newton-Schulz iteration is matrix multiplication, so its time is bound by "
+              "compute, not this floor) x element size x parameters / measured bandwidth.",
               "State bytes per parameter: the optimizer's tensor state, measured (SophiaG/SophiaH: exp_avg and "
-              "hessian; AdamW: exp_avg and exp_avg_sq; Lion: exp_avg; pytorch-optimizer's SophiaH also keeps "
-              "its last estimate)."]
+              "hessian; AdamW: exp_avg and exp_avg_sq; Lion: exp_avg; Muon: a momentum buffer on the matrices, "
+              "AdamW's two on the rest; pytorch-optimizer's SophiaH also keeps its last estimate)."]
     return "\n".join(lines) + "\n"
 
 
