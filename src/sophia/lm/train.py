@@ -659,8 +659,10 @@ class Trainer:
             bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
                        mininterval=1.0)
         last_val = None
-        # Throughput over a window that leaves out compilation and the first steps after (re)start.
-        warm_step = start_step + min(10, max(1, (cfg.max_steps - start_step) // 5))
+        # Throughput over a window that leaves out compilation and the first steps after (re)start, and for
+        # the optimizers with a Hessian refresh its first one (the sampled-label forward compiles its own graph).
+        first = 10 if cfg.optimizer not in ("sophiag", "sophiah", "adahessian") else max(10, cfg.hessian_interval + 1)
+        warm_step = start_step + min(first, max(1, (cfg.max_steps - start_step) // 2))
         self._speed_mark: tuple[float, float] | None = None
         interval_mark = (self.counters["tokens"], self.counters["elapsed"])
         t_last = time.perf_counter()
