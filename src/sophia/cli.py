@@ -68,7 +68,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                                help=help_text)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
     import json
     import os
 
@@ -102,6 +102,13 @@ def _train(args: argparse.Namespace) -> int:
 
             print(format_plan(plan))
         return 0
+    if cfg.flush_denormal and whole_process:
+        import torch
+
+        # This process exists for the run: set it before torch's threads start, so that all of them flush
+        # (a pool thread copies the setting once, when it starts). CUDA is unaffected. Called as a function
+        # (main([...])), the run sets it for its own thread only and restores it afterwards.
+        torch.set_flush_denormal(True)
     try:
         summary = train(cfg, resume=resume, schedule_changes=changes)
     except OSError as e:  # the file system, in one line: the path and the cause
@@ -261,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "sophia " + shlex.join(sys.argv[1:] if argv is None else argv)  # what the reports record
     try:
         if args.command == "train":
-            return _train(args)
+            return _train(args, whole_process=argv is None)
         if args.command == "sample":
             from sophia.lm.sample import stream
 

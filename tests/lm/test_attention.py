@@ -128,3 +128,24 @@ def test_flush_denormal_is_restored_after_a_block_and_a_run(tmp_path):
     Probe(cfg, log=lambda m: None).run()
     assert seen == [True, True]
     assert flush_denormal_enabled() is False
+
+
+def test_flush_denormals_never_leaks_into_torchs_thread_pool():
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from sophia.denormal import flush_denormals
+torch.set_num_threads(2)
+x = torch.full((1 << 22,), 1e-39)
+with flush_denormals(True):
+    inside = (x * 1.0 == 0).float().mean().item()
+after = (x * 1.0 == 0).float().mean().item()
+print(inside, after)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    inside, after = (float(v) for v in out.stdout.split())
+    assert inside > 0.0  # the calling thread's share flushed
+    assert after == 0.0  # and nothing flushes once the block is left
