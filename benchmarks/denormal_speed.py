@@ -30,8 +30,7 @@ def main() -> None:
     rows = []
     for run in a.runs:
         ckpt = load_checkpoint(Path(run), purpose="bench")
-        mc = {"vocab_pad_multiple": 1, "qk_norm": False, **ckpt["model_config"]}
-        model = GPT(GPTConfig(**mc))
+        model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         cfg = ckpt["config"]
         data = load_dataset(Path(ckpt["dataset_dir"]))

@@ -46,7 +46,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     ckpt = load_checkpoint(Path(a.run), purpose="bench")
-    model = GPT(GPTConfig(**{"vocab_pad_multiple": 1, "qk_norm": False, **ckpt["model_config"]}))
+    model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     cfg = ckpt["config"]
     data = load_dataset(Path(ckpt["dataset_dir"]))

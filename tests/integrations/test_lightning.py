@@ -31,15 +31,6 @@ def _load_example():
 ex = _load_example()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is several times faster than two on this shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Record(L.Callback):
     """Per batch: the loss; per optimizer step: the gradients as they are after all other callbacks."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from sophia.lm.config import TrainError
+from sophia.lm.config import TrainError, check_writable_dir
 from sophia.lm.device import resolve_device  # noqa: F401  (the benchmarks' --device)
 
 
@@ -43,13 +43,7 @@ def check_out_dir(out_dir: str | Path, outputs: Sequence[str], overwrite: bool) 
     """Refuse, before any work, an ``--out-dir`` that cannot be written or that holds an earlier
     run's results (any of ``outputs``) unless ``overwrite``; creates nothing."""
     out = Path(out_dir)
-    for folder in (out, *out.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise TrainError(f"--out-dir {out}: {folder} is a file, not a folder")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise TrainError(f"--out-dir {out}: {folder} is not writable")
-            break
+    check_writable_dir(out, "--out-dir")
     found = [name for name in outputs if (out / name).exists()]
     if found and not overwrite:
         raise TrainError(f"{out} already holds the results of an earlier run ({', '.join(found)}); "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from sophia.lm.optimizers import OPTIMIZERS
@@ -13,6 +15,19 @@ from sophia.lm.presets import get_preset
 
 class TrainError(Exception):
     """A problem with the user's input: reported as one line, exit status 1."""
+
+
+def check_writable_dir(path: str | os.PathLike[str], flag: str) -> None:
+    """``path`` is, or can be made, a directory this process may write into (checked before any work, creating
+    nothing); a TrainError naming ``flag`` and the file or folder in the way otherwise."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise TrainError(f"{flag} {path}: {folder} is a file, not a directory")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise TrainError(f"{flag} {path}: {folder} is not writable")
+            return
 
 
 @dataclass
@@ -155,7 +170,7 @@ RESUME_CHANGEABLE = {"eval_every", "checkpoint_every", "log_every", "progress", 
                      "max_steps", "lr", "min_lr", "lr_decay_steps"}
 SCHEDULE_CHANGES = ("max_steps", "lr", "min_lr", "lr_decay_steps")
 # Defaults for settings that did not exist when an older checkpoint was written (its behaviour then).
-_LEGACY_DEFAULTS = {"vocab_pad_multiple": 1, "qk_norm": False}
+LEGACY_DEFAULTS = {"vocab_pad_multiple": 1, "qk_norm": False}
 
 
 def resume_config(saved: dict[str, Any], overrides: dict[str, Any] | None = None,
@@ -165,7 +180,7 @@ def resume_config(saved: dict[str, Any], overrides: dict[str, Any] | None = None
     ``changes`` (if given) receives ``{setting: (saved, new)}`` for every schedule setting that differs.
     A new ``--max-steps`` keeps the saved cosine schedule's length unless ``--lr-decay-steps`` is given
     too: a run extended from 1000 to 2000 steps continues at min_lr rather than jumping back up."""
-    values = {**_LEGACY_DEFAULTS, **{k: v for k, v in saved.items() if k in FIELD_NAMES}}
+    values = {**LEGACY_DEFAULTS, **{k: v for k, v in saved.items() if k in FIELD_NAMES}}
     overrides = dict(overrides or {})
     if (overrides.get("max_steps") not in (None, values.get("max_steps")) and overrides.get("lr_decay_steps") is None
             and values.get("lr_decay_steps") is None):

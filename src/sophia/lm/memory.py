@@ -149,6 +149,15 @@ def estimate(*, n_layer: int, n_head: int, n_embd: int, block_size: int, vocab: 
                           overhead=OVERHEAD_BYTES if cuda else 0)
 
 
+def estimate_run(cfg: Any, vocab: int, *, world_size: int, device_type: str, bf16: bool,
+                 batch_size: int | None = None) -> MemoryEstimate:
+    """:func:`estimate` for a run's settings (a TrainConfig), at its micro-batch or at ``batch_size``."""
+    return estimate(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                    vocab=padded_vocab(vocab, cfg.vocab_pad_multiple), batch_size=batch_size or cfg.batch_size,
+                    optimizer=cfg.optimizer, bf16=bf16, world_size=world_size, bias=cfg.bias, qk_norm=cfg.qk_norm,
+                    hessian_batch_fraction=cfg.hessian_batch_fraction, cuda=device_type == "cuda")
+
+
 def device_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
@@ -186,10 +195,8 @@ def plan_summary(cfg: Any, *, world_size: int, device_type: str, device_bytes: i
     V = padded_vocab(vocab, cfg.vocab_pad_multiple)
 
     def est(batch_size: int) -> MemoryEstimate:
-        return estimate(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                        vocab=V, batch_size=batch_size, optimizer=cfg.optimizer, bf16=bf16, world_size=world_size,
-                        bias=cfg.bias, qk_norm=cfg.qk_norm, hessian_batch_fraction=cfg.hessian_batch_fraction,
-                        cuda=device_type == "cuda")
+        return estimate_run(cfg, vocab, world_size=world_size, device_type=device_type, bf16=bf16,
+                            batch_size=batch_size)
 
     e = est(cfg.batch_size)
     with torch.device("meta"):

@@ -35,9 +35,9 @@ import torch.distributed as dist
 
 from sophia.hessian import categorical_sampled_loss, hutchinson
 from sophia.lm.checkpoint import METRICS, MetricsLog, has_checkpoint, keep_tokenizer, load_checkpoint, save_checkpoint
-from sophia.lm.config import TrainConfig, TrainError
+from sophia.lm.config import LEGACY_DEFAULTS, TrainConfig, TrainError, check_writable_dir
 from sophia.lm.device import resolve_device as check_device
-from sophia.lm.memory import GiB, device_memory_bytes, estimate, fit_advice, flops_per_token, peak_tflops
+from sophia.lm.memory import GiB, device_memory_bytes, estimate_run, fit_advice, flops_per_token, peak_tflops
 from sophia.lm.model import GPT, GPTConfig
 from sophia.lm.optimizers import NEEDS_CREATE_GRAPH, OptimizerSettings, build_optimizer, needs_create_graph
 from sophia.lm.tokenizers import parse_spec
@@ -126,15 +126,6 @@ def use_bf16(cfg: TrainConfig, device_type: str) -> bool:
     return False
 
 
-def memory_estimate(cfg: TrainConfig, vocab: int, world_size: int, device_type: str, batch_size: int | None = None):
-    m = cfg.vocab_pad_multiple
-    return estimate(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                    vocab=((vocab + m - 1) // m) * m, batch_size=batch_size or cfg.batch_size,
-                    optimizer=cfg.optimizer, bf16=use_bf16(cfg, device_type), world_size=world_size, bias=cfg.bias,
-                    qk_norm=cfg.qk_norm, hessian_batch_fraction=cfg.hessian_batch_fraction,
-                    cuda=device_type == "cuda")
-
-
 @contextmanager
 def _tf32(enabled: bool):
     """TF32 matmuls and convolutions for the block; the caller's settings afterwards."""
@@ -168,22 +159,8 @@ class Trainer:
         return self.device.type == "cuda"
 
     # -- set-up ---------------------------------------------------------------------------
-    @staticmethod
-    def _check_writable_dir(path: Path, flag: str) -> None:
-        """``path`` is, or can be made, a directory this process may write into (checked before any work)."""
-        probe = path
-        while not probe.exists():
-            if probe.parent == probe:
-                break
-            probe = probe.parent
-        if not probe.is_dir():
-            what = "is a file" if probe == path else f"lies under the file {probe}"
-            raise TrainError(f"{flag} {path} {what}, not a directory")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise TrainError(f"{flag} {path}: {probe} is not writable")
-
     def _check_out_dir(self) -> None:
-        self._check_writable_dir(self.out_dir, "--out-dir")
+        check_writable_dir(self.out_dir, "--out-dir")
         data_root = Path(self.cfg.data_root)
         if data_root.exists() and not data_root.is_dir():
             raise TrainError(f"--data-root {data_root} is a file, not a directory")
@@ -307,22 +284,24 @@ class Trainer:
         cfg = self.cfg
         if not cfg.memory_check:
             return
-        est = memory_estimate(cfg, vocab, self.dist.world_size, self.device.type)
+        def est(batch_size: int | None = None):
+            return estimate_run(cfg, vocab, world_size=self.dist.world_size, device_type=self.device.type,
+                                bf16=use_bf16(cfg, self.device.type), batch_size=batch_size)
+
+        e = est()
         have = int(cfg.device_memory_gib * GiB) if cfg.device_memory_gib else device_memory_bytes(self.device)
-        if est.total > 0.9 * have:
-            advice = fit_advice(lambda b: memory_estimate(cfg, vocab, self.dist.world_size, self.device.type, b),
-                                cfg.batch_size, cfg.grad_accum, self.dist.world_size, int(0.9 * have))
-            raise TrainError(f"{cfg.preset} with {cfg.optimizer} needs about {est.total / GiB:.1f} GiB per device on "
-                             f"{self.device} ({est.parameters / 1e6:.0f}M parameters, micro-batch {cfg.batch_size}x"
+        if e.total > 0.9 * have:
+            advice = fit_advice(est, cfg.batch_size, cfg.grad_accum, self.dist.world_size, int(0.9 * have))
+            raise TrainError(f"{cfg.preset} with {cfg.optimizer} needs about {e.total / GiB:.1f} GiB per device on "
+                             f"{self.device} ({e.parameters / 1e6:.0f}M parameters, micro-batch {cfg.batch_size}x"
                              f"{cfg.block_size}) but the device has {have / GiB:.1f} GiB (90% usable); try {advice}, "
                              "or --no-memory-check to run anyway (`--dry-run` shows the estimate's parts)")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         saved = ckpt["config"]
-        legacy = {"qk_norm": False, "vocab_pad_multiple": 1}
         for key in ("optimizer", "n_layer", "n_head", "n_embd", "block_size", "bias", "qk_norm", "vocab_pad_multiple",
                     "corpus", "tokenizer"):
-            if saved.get(key, legacy.get(key)) != getattr(self.cfg, key):
+            if saved.get(key, LEGACY_DEFAULTS.get(key)) != getattr(self.cfg, key):
                 raise TrainError(f"--resume: the checkpoint was trained with {key}={saved.get(key)!r}, "
                                  f"not {getattr(self.cfg, key)!r}")
         self._check_same_dataset(ckpt)
@@ -593,8 +572,9 @@ class Trainer:
 
     @contextmanager
     def _signals(self):
-        """SIGINT and SIGTERM (a cluster's notice before pre-emption) finish the current step, write a
-        checkpoint and stop; a second signal interrupts at once. Only in the main thread."""
+        """SIGINT and SIGTERM (a cluster's notice before pre-emption) finish the current step (under torchrun:
+        the next logged step), write a checkpoint and stop; a second signal interrupts at once. Only in the
+        main thread."""
         import threading
 
         if threading.current_thread() is not threading.main_thread():
@@ -619,7 +599,7 @@ class Trainer:
                 signal.signal(s, h)
 
     def _stop_now(self) -> bool:
-        """Whether any rank received a stop signal (a collective under DDP, so all ranks stop together)."""
+        """Whether any rank received a stop signal (a collective, so that all ranks stop together)."""
         flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
         if self.dist.enabled:
             dist.all_reduce(flag)
@@ -707,7 +687,10 @@ class Trainer:
                 if step % cfg.eval_every == 0 or step == cfg.max_steps:
                     last_val = self.evaluate()
                     self._event(event="eval", val_loss=last_val, lr=lr, **self.attention_stats())
-                stop = self._stop_now() if (self._stop_signal is not None or self.dist.enabled) else False
+                if self.dist.enabled:  # agreed by a collective, only at logged steps (no extra sync per step)
+                    stop = (step % cfg.log_every == 0 or step == cfg.max_steps) and self._stop_now()
+                else:
+                    stop = self._stop_signal is not None
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop:
                     self._checkpoint()
                 if stop:
