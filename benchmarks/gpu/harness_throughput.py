@@ -47,6 +47,7 @@ def run(label, optimizer, extra, a, workdir: Path) -> dict:
     row = {"label": label, "optimizer": optimizer, "flags": extra, "wall_s": round(wall, 1)}
     if proc.returncode != 0:
         row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+        row["stderr_tail"] = proc.stderr[-3000:]
         return row
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = [e for e in events if e["event"] == "summary"][-1]
@@ -55,6 +56,25 @@ def run(label, optimizer, extra, a, workdir: Path) -> dict:
                                            "hessian_passes", "train_passes")})
     row["flops_per_token"], row["peak_tflops"] = start.get("flops_per_token"), start.get("peak_tflops")
     return row
+
+
+def write_table(rows: list[dict], a, out: Path) -> str:
+    ref = next((r.get("steady_tokens_per_s") for r in rows if r["label"] == "AdamW"), None)
+    lines = [f"# `sophia train` throughput: {a.preset}, {a.steps} steps of 12 x 1024 x {a.grad_accum} tokens, "
+             f"{a.device}", "", "Steady state: the summary's tokens/s after the first steps (compilation excluded); "
+             "MFU = tokens/s x FLOPs per token (6N + 12 L T d) / peak.", "",
+             "| configuration | tokens/s | MFU | / AdamW | Hessian passes | wall s |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | error: {r['error'][:100]} | | | | {r['wall_s']} |")
+            continue
+        tps, mfu = r.get("steady_tokens_per_s"), r.get("steady_mfu")
+        rel = f"{tps / ref:.3f}" if tps and ref else "-"
+        lines.append(f"| {r['label']} | {tps:,.0f} | {f'{100 * mfu:.1f}%' if mfu else '-'} | {rel} | "
+                     f"{r.get('hessian_passes')} | {r['wall_s']} |")
+    text = "\n".join(lines) + "\n"
+    (out / "throughput.md").write_text(text)
+    return text
 
 
 def main() -> None:
@@ -81,21 +101,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         (out / "throughput.json").write_text(json.dumps({"preset": a.preset, "steps": a.steps,
                                                          "grad_accum": a.grad_accum, "rows": rows}, indent=2))
-    ref = next((r.get("steady_tokens_per_s") for r in rows if r["label"] == "AdamW"), None)
-    lines = [f"# `sophia train` throughput: {a.preset}, {a.steps} steps of 12 x 1024 x {a.grad_accum} tokens, "
-             f"{a.device}", "", "Steady state: the summary's tokens/s after the first steps (compilation excluded); "
-             "MFU = tokens/s x FLOPs per token (6N + 12 L T d) / peak.", "",
-             "| configuration | tokens/s | MFU | / AdamW | Hessian passes | wall s |", "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['label']} | error: {r['error'][:100]} | | | | {r['wall_s']} |")
-            continue
-        tps, mfu = r.get("steady_tokens_per_s"), r.get("steady_mfu")
-        rel = f"{tps / ref:.3f}" if tps and ref else "-"
-        lines.append(f"| {r['label']} | {tps:,.0f} | {f'{100 * mfu:.1f}%' if mfu else '-'} | {rel} | "
-                     f"{r.get('hessian_passes')} | {r['wall_s']} |")
-    (out / "throughput.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        write_table(rows, a, out)  # after every row, so a run cut short by its time limit keeps its table
+    print(write_table(rows, a, out))
 
 
 if __name__ == "__main__":

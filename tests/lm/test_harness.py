@@ -23,7 +23,7 @@ from sophia.lm.config import resolve_config
 from sophia.lm.memory import GiB, estimate, gpt_parameters
 from sophia.lm.model import GPT, GPTConfig
 from sophia.lm.presets import PRESETS
-from sophia.lm.train import Trainer
+from sophia.lm.train import Trainer, all_finite
 
 SMALL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
          "--eval-batches", "3", "--warmup-steps", "3", "--log-every", "1", "--no-progress"]
@@ -370,3 +370,16 @@ def test_padded_vocabulary_is_never_scored_sampled_or_generated():
     for t in (0.5, 1.0, 5.0):
         ids = model.generate(x[:2, :4], 40, temperature=t, top_k=None, generator=torch.Generator().manual_seed(1))
         assert int(ids.max()) < 100
+
+
+def test_all_finite_reduces_flags_per_device():
+    """The check before a checkpoint: optimizer state may hold CPU step counts beside device moments (a
+    CUDA run once failed here stacking flags across devices); on CPU, finite, non-finite and empty tensors."""
+    ok = [torch.ones(3), torch.tensor(2.0), torch.empty(0)]
+    assert all_finite(ok)
+    assert not all_finite(ok + [torch.tensor([1.0, float("nan")])])
+    assert not all_finite([torch.tensor(float("-inf")), torch.ones(2)])
+    assert all_finite([])
+    if torch.cuda.is_available():
+        assert all_finite([torch.ones(2, device="cuda"), torch.tensor(1.0)])
+        assert not all_finite([torch.ones(2, device="cuda"), torch.tensor(float("nan"))])

@@ -141,6 +141,16 @@ class StopRequestedError(Exception):
     """SIGINT or SIGTERM arrived: the current step finished and a checkpoint was written."""
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor is finite, with one host sync per device. Optimizer state can mix devices (a
+    step count kept on the CPU beside CUDA moments), so the flags are reduced per device."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(f).all().item()) for f in flags.values())
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool | str = False, log=None,
                  schedule_changes: dict[str, tuple[Any, Any]] | None = None) -> None:
@@ -354,8 +364,7 @@ class Trainer:
         tensors = [p for p in self.raw_model.parameters()]
         for state in self.opt.state.values():
             tensors += [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
-        flags = torch.stack([torch.isfinite(t).all() for t in tensors if t.numel()])
-        return bool(flags.all().item())
+        return all_finite(tensors)
 
     def _checkpoint(self) -> None:
         """Written by rank 0, with every rank's RNG state (a collective: all ranks call it). Never with
