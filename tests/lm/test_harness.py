@@ -383,3 +383,39 @@ def test_all_finite_reduces_flags_per_device():
     if torch.cuda.is_available():
         assert all_finite([torch.ones(2, device="cuda"), torch.tensor(1.0)])
         assert not all_finite([torch.ones(2, device="cuda"), torch.tensor(float("nan"))])
+
+
+@pytest.mark.parametrize("fraction,forwards,rows", [(0.25, 1, 4), (0.5, 2, 4), (0.3, 4, 1)])
+def test_a_refresh_on_a_fraction_uses_whole_micro_batches_when_it_can(corpus, tmp_path, fraction, forwards, rows):
+    """With 4 micro-batches of 4 sequences, a quarter or a half of the batch is 1 or 2 micro-batches of the
+    training shape; 0.3 is not whole, so each of the 4 shrinks to round(0.3 * 4) = 1 sequence. The Hessian EMA
+    after the first refresh is (1 - b2) N g**2, with g recomputed here from the inputs and sampled labels."""
+    cfg = _cfg_obj(corpus, tmp_path, f"frac{fraction}", "sophiag", 2, grad_accum=4, hessian_batch_fraction=fraction,
+                   hessian_interval=2, grad_clip=0.0)
+    t = Trainer(cfg, log=lambda m: None)
+    t.setup()
+    t.train_step(0)
+    seen: list[tuple[torch.Tensor, dict]] = []  # each forward's input and the weights it ran with
+    hook = t.raw_model.register_forward_pre_hook(
+        lambda m, args: seen.append((args[0].clone(), {k: v.clone() for k, v in m.state_dict().items()})))
+    passes = t.counters["hessian_passes"]
+    t.train_step(1)  # step 2: its update, then the refresh (k = 2)
+    hook.remove()
+    refresh_inputs = [x for x, _ in seen[-forwards:]]
+    assert len(seen) == 4 + forwards and all(x.shape == (rows, 16) for x in refresh_inputs)
+    ref = GPT(t.raw_model.config)
+    ref.load_state_dict(seen[-1][1])  # the weights the refresh saw: after step 2's update
+    assert t.counters["hessian_passes"] - passes == pytest.approx(forwards * rows / 4)
+    # independent g: mean sampled cross-entropy over the refresh's micro-batches, same label draws
+    ref.zero_grad()
+    t.counters["step"] = 1  # the label draws are keyed by the step the refresh ran in
+    for micro, x in enumerate(refresh_inputs):
+        logits, _ = ref(x)
+        (categorical_sampled_loss(logits, generator=t._label_generator(micro)).loss / forwards).backward()
+    n = forwards * rows * 16
+    b2 = t.opt.param_groups[0]["betas"][1]
+    by_name = dict(t.raw_model.named_parameters())
+    for name, p in ref.named_parameters():
+        want = (1 - b2) * n * p.grad.double() ** 2
+        got = t.opt.state[by_name[name]]["hessian"].double()
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-12), name

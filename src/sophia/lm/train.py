@@ -450,25 +450,33 @@ class Trainer:
         self.opt.zero_grad(set_to_none=self.grads_to_none)
 
     def _gnb_refresh(self) -> None:
-        """Sampled-label backward over the whole (or a fraction of the) global batch, then N*g**2."""
+        """Sampled-label backward over the whole (or a fraction of the) global batch, then N*g**2.
+
+        A fraction that is a whole number of micro-batches (1/4 of 8) runs that many micro-batches of the
+        training shape, as the authors' code refreshes on one micro-batch: a compiled model sees no new
+        shape and the device runs at its training batch size. Otherwise each micro-batch shrinks."""
         cfg = self.cfg
         self._zero_grad()
         n_local = 0
-        bs = self._hessian_batch_size()
-        for micro in range(self.accum):
+        whole = cfg.hessian_batch_fraction * self.accum
+        if self.accum > 1 and whole >= 1 and abs(whole - round(whole)) < 1e-9:
+            n_micro, bs = round(whole), cfg.batch_size
+        else:
+            n_micro, bs = self.accum, self._hessian_batch_size()
+        for micro in range(n_micro):
             x, _ = self._batch(bs)
-            sync = self.model.no_sync() if self.dist.enabled and micro < self.accum - 1 else nullcontext()
+            sync = self.model.no_sync() if self.dist.enabled and micro < n_micro - 1 else nullcontext()
             with sync, self.autocast:
                 logits, _ = self.model(x)
                 sampled = categorical_sampled_loss(logits, generator=self._label_generator(micro))
             del logits
-            (sampled.loss / self.accum).backward()
+            (sampled.loss / n_micro).backward()
             n_local += sampled.n
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
         self.opt.update_hessian(bs=n_local * self.dist.world_size)
         self._zero_grad()
-        self.counters["hessian_passes"] += self.accum * self.dist.world_size * bs / cfg.batch_size
+        self.counters["hessian_passes"] += n_micro * self.dist.world_size * bs / cfg.batch_size
 
     def _hutchinson_refresh(self) -> None:
         """Sophia-H: a Hutchinson estimate on a fresh batch, averaged over ranks, handed to the optimizer."""
