@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from sophia.cli import main
 from sophia.lm.checkpoint import list_checkpoints, read_metrics
 from sophia.lm.config import TrainError, resolve_config
 from sophia.lm.model import GPT, GPTConfig
-from sophia.lm.muon import MUON_MOMENTUM
+from sophia.lm.muon import MUON_MOMENTUM, Muon, MuonAdamW, newton_schulz
 from sophia.lm.optimizers import OptimizerSettings, build_optimizer
 
 LR, MUON_LR, WD = 4e-3, 0.03, 0.1
@@ -85,7 +86,7 @@ def _torch_pair(model: GPT):
 def test_steps_equal_torchs_muon_and_adamw_stepped_separately():
     a = _model()
     b = copy.deepcopy(a)
-    opt = build_optimizer("muon", a.param_groups(WD), SETTINGS)
+    opt = build_optimizer("muon", a.param_groups(WD), SETTINGS)  # Newton-Schulz in bfloat16, as torch's
     muon, adamw = _torch_pair(b)
     for step, scale in enumerate((0.5, 1.0, 0.25)):  # a schedule: the Muon groups follow it at their multiple
         _set_lr(opt, LR * scale)
@@ -211,3 +212,48 @@ def test_resume_from_a_mid_run_checkpoint_ends_bitwise_equal(corpus, tmp_path, c
     key = [(e["event"], e["step"], e.get("train_loss"), e.get("val_loss")) for e in events_ref]
     assert key == [(e["event"], e["step"], e.get("train_loss"), e.get("val_loss"))
                    for e in read_metrics(tmp_path / "run") if e["event"] != "resume"]
+
+
+def _newton_schulz_float64(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The quintic iteration written out in float64: X <- aX + b(XX^T)X + c(XX^T)^2 X, wide side first."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.double()
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / x.norm()
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + b * s @ x + c * s @ s @ x
+    return x.T if tall else x
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32)])
+def test_newton_schulz_in_float32_is_close_to_float64_and_bfloat16_is_not(shape):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    want = _newton_schulz_float64(g)
+    f32 = newton_schulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
+    bf16 = newton_schulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.bfloat16)
+    assert f32.dtype == torch.float32 and f32.shape == g.shape
+    err32, err16 = (f32.double() - want).abs().max().item(), (bf16.double() - want).abs().max().item()
+    assert err32 < 1e-4 < err16
+    assert torch.equal(g, torch.randn(shape, generator=torch.Generator().manual_seed(1)))  # input untouched
+
+
+def test_ns_dtype_is_passed_on_and_the_momentum_buffer_is_not_overwritten():
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    b = torch.nn.Parameter(torch.zeros(8))
+    opt = MuonAdamW([{"params": [w]}], [{"params": [b]}], lr=1e-3, muon_lr=0.02, weight_decay=0.0)
+    assert opt.muon.ns_dtype == torch.bfloat16
+    assert MuonAdamW([{"params": [w]}], [{"params": [b]}], lr=1e-3, muon_lr=0.02, weight_decay=0.0,
+                     ns_dtype=torch.float32).muon.ns_dtype == torch.float32
+    # without Nesterov the update is the buffer itself: the iteration must work on a copy
+    plain = Muon([w], lr=0.02, weight_decay=0.0, nesterov=False, ns_dtype=torch.float32)
+    w.grad = torch.randn(8, 4)
+    before = w.detach().clone()
+    plain.step()
+    buf = plain.state[w]["momentum_buffer"]
+    assert torch.allclose(buf, 0.05 * w.grad, rtol=0, atol=1e-7)
+    want = before.double() - 0.02 * math.sqrt(2) * _newton_schulz_float64(buf)
+    assert torch.allclose(w.detach().double(), want, atol=1e-5)
+    with pytest.raises(ValueError, match="ns_dtype"):
+        Muon([w], ns_dtype=torch.int32)

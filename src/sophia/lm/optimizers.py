@@ -30,6 +30,7 @@ class OptimizerSettings:
     eps: float | None = None   # None: the optimizer's own default
     hessian_interval: int = 10  # Sophia-G refresh period k; Sophia-H / AdaHessian update_period
     muon_lr: float | None = None  # Muon only: the hidden matrices' lr (``lr`` is the AdamW part's); None: 0.02
+    muon_ns_dtype: torch.dtype = torch.bfloat16  # Muon only: the Newton-Schulz iteration's dtype (torch's)
 
 
 def build_optimizer(name: str, param_groups: list[dict], s: OptimizerSettings, *, fused: bool = False,
@@ -64,7 +65,8 @@ def build_optimizer(name: str, param_groups: list[dict], s: OptimizerSettings, *
         muon_groups, adamw_groups = split_gpt_groups(param_groups)
         muon_lr = DEFAULT_MUON_LR if s.muon_lr is None else s.muon_lr
         return MuonAdamW(muon_groups, adamw_groups, lr=s.lr, muon_lr=muon_lr,
-                         weight_decay=s.weight_decay, betas=betas, **eps, **({"fused": True} if fused else {}))
+                         weight_decay=s.weight_decay, betas=betas, ns_dtype=s.muon_ns_dtype, **eps,
+                         **({"fused": True} if fused else {}))
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
