@@ -142,6 +142,15 @@ def test_quick_sweep_writes_everything_and_never_redoes_a_run(tmp_path, capsys):
     # Other settings in the same folder are refused rather than mixed in.
     assert main(["bench", "converge", "--quick", "--optimizers", "adamw,lion", "--out-dir", str(out)]) == 1
     assert "other settings" in capsys.readouterr().err
+    # More optimizers may join (each one's tuning is its own): only the new one's runs are done.
+    assert main(["bench", "converge", "--quick", "--optimizers", "adamw,sophiag,lion", "--out-dir", str(out)]) == 0
+    started = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run ")]
+    assert len(started) == 4 and all(line.startswith("run lion-") for line in started)  # 2 lrs, 2 fresh seeds
+    assert {r: (out / "runs" / r / "result.json").stat().st_mtime_ns for r in runs} == stamp
+    extended = json.loads((out / "results.json").read_text())["analysis"]["optimizers"]
+    assert set(extended) == {"adamw", "sophiag", "lion"}
+    assert extended["adamw"] == result["analysis"]["optimizers"]["adamw"]
+    assert json.loads((out / "sweep.json").read_text())["optimizers"] == ["adamw", "sophiag", "lion"]
 
 
 def test_bad_lr_grid_is_refused(tmp_path, capsys):
@@ -223,3 +232,15 @@ def test_muon_sweeps_its_muon_lr_with_the_adamw_part_at_the_presets_lr():
     adam = Sweep(Path("unused"), spec, jobs=1).command(Setting("adamw", 4e-3, None, 1), resume=False)
     assert "--muon-lr" not in adam and float(adam[adam.index("--lr") + 1]) == 4e-3
     assert "adamw_part_lr" not in _spec(["adamw"], {"adamw": [4e-3, 8e-3]})  # older sweeps continue unchanged
+
+
+def test_a_sweep_may_grow_by_optimizers_but_not_change_the_old_ones():
+    from sophia.bench.converge import spec_conflicts
+
+    saved = _spec(["adamw", "sophiag"], {"adamw": [4e-3, 8e-3], "sophiag": [5e-4, 1e-3]})
+    grown = _spec(["adamw", "sophiag", "muon"], {"adamw": [4e-3, 8e-3], "sophiag": [5e-4, 1e-3], "muon": [0.02, 0.04]})
+    assert spec_conflicts(saved, grown) == []
+    assert spec_conflicts(saved, _spec(["adamw", "sophiag"], {"adamw": [4e-3, 1.6e-2], "sophiag": [5e-4, 1e-3]})) \
+        == ["lrs"]
+    assert spec_conflicts(saved, _spec(["adamw"], {"adamw": [4e-3, 8e-3]})) == ["optimizers"]
+    assert "optimizers" in spec_conflicts(grown, saved)  # dropping one is not continuing

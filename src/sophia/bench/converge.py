@@ -502,6 +502,29 @@ def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: 
 
 # Settings that may differ when an interrupted sweep is continued (they do not change any run).
 _RESUMABLE = {"jobs", "data_root"}
+# Per-optimizer settings: compared for the optimizers the saved sweep already has.
+_PER_OPTIMIZER = {"lrs", "default_rho", "adamw_part_lr"}
+
+
+def spec_conflicts(saved: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    """The settings that keep ``spec`` from continuing the sweep ``saved``. A sweep may take more
+    optimizers (each optimizer's tuning is its own, against the same budget and data), so the optimizer
+    list may grow and the per-optimizer settings are compared for the saved optimizers only."""
+    old = list(saved.get("optimizers", []))
+    diff = []
+    for key in set(saved) | set(spec):
+        if key in _RESUMABLE:
+            continue
+        if key == "optimizers":
+            if not set(old) <= set(spec.get(key, [])):
+                diff.append(key)
+        elif key in _PER_OPTIMIZER:
+            a, b = saved.get(key, {}), spec.get(key, {})
+            if any(a.get(o) != b.get(o) for o in old):
+                diff.append(key)
+        elif saved.get(key) != spec.get(key):
+            diff.append(key)
+    return sorted(diff)
 
 
 def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = None, steps: int = 400,
@@ -524,10 +547,11 @@ def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = N
     saved_path = out / SWEEP_FILE
     if saved_path.exists():
         saved = json.loads(saved_path.read_text())
-        diff = sorted(k for k in set(saved) | set(spec) if k not in _RESUMABLE and saved.get(k) != spec.get(k))
+        diff = spec_conflicts(saved, spec)
         if diff:
             raise TrainError(f"{out} holds a sweep with other settings ({', '.join(diff)} differ); continue it "
-                             f"with the same options or choose another --out-dir")
+                             f"with the same options (more optimizers may be added: list the sweep's "
+                             f"{','.join(saved.get('optimizers', []))} too) or choose another --out-dir")
     saved_path.write_text(json.dumps(spec, indent=2) + "\n")
     sweep = Sweep(out, spec, jobs, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     sweep.plan()
