@@ -242,5 +242,5 @@ def test_a_sweep_may_grow_by_optimizers_but_not_change_the_old_ones():
     assert spec_conflicts(saved, grown) == []
     assert spec_conflicts(saved, _spec(["adamw", "sophiag"], {"adamw": [4e-3, 1.6e-2], "sophiag": [5e-4, 1e-3]})) \
         == ["lrs"]
-    assert spec_conflicts(saved, _spec(["adamw"], {"adamw": [4e-3, 8e-3]})) == ["optimizers"]
+    assert "optimizers" in spec_conflicts(saved, _spec(["adamw"], {"adamw": [4e-3, 8e-3]}))
     assert "optimizers" in spec_conflicts(grown, saved)  # dropping one is not continuing
