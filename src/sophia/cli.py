@@ -31,6 +31,10 @@ _HELP = {
     "peak_tflops": "the device's peak for MFU (default: a table of known GPUs)",
     "max_skipped_steps": "consecutive non-finite-gradient steps before the run stops",
     "keep_checkpoints": "step-numbered checkpoints kept", "dist_timeout_min": "collective timeout in minutes",
+    "parallel": "ddp (each rank holds the whole model) or fsdp (FSDP2: weights, gradients and optimizer state "
+                "sharded over the ranks; sharded checkpoints)",
+    "activation_checkpointing": "recompute each block's activations in the backward (less memory, ~1/3 more "
+                                "compute)",
 }
 
 

@@ -85,6 +85,8 @@ class TrainConfig:
     max_skipped_steps: int = 10  # consecutive steps with a non-finite gradient before the run stops
     keep_checkpoints: int = 2
     dist_timeout_min: float = 30.0  # torch.distributed collective timeout
+    parallel: str = "ddp"  # ddp (every rank holds everything) | fsdp (FSDP2: weights, grads, state sharded)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,6 +135,13 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise TrainError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise TrainError(f"--parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.parallel == "fsdp" and self.optimizer in ("adahessian", "muon"):
+            why = ("needs backward(create_graph=True) through the sharded weights, which FSDP2 does not support"
+                   if self.optimizer == "adahessian" else "orthogonalises whole matrices, which FSDP2 shards")
+            raise TrainError(f"--parallel fsdp does not support --optimizer {self.optimizer}: it {why}; use "
+                             "--parallel ddp")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise TrainError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
@@ -166,11 +175,12 @@ def resolve_config(preset: str, optimizer: str, overrides: dict[str, Any] | None
 RESUME_CHANGEABLE = {"eval_every", "checkpoint_every", "log_every", "progress", "device", "data_root",
                      "flush_denormal", "attn_logit_warn", "compile", "tf32", "fused_optimizer", "memory_check",
                      "device_memory_gib", "peak_tflops", "max_skipped_steps", "keep_checkpoints", "dist_timeout_min",
+                     "activation_checkpointing",
                      # --- these change what is trained:
                      "max_steps", "lr", "min_lr", "lr_decay_steps"}
 SCHEDULE_CHANGES = ("max_steps", "lr", "min_lr", "lr_decay_steps")
 # Defaults for settings that did not exist when an older checkpoint was written (its behaviour then).
-LEGACY_DEFAULTS = {"vocab_pad_multiple": 1, "qk_norm": False}
+LEGACY_DEFAULTS = {"vocab_pad_multiple": 1, "qk_norm": False, "parallel": "ddp"}
 
 
 def resume_config(saved: dict[str, Any], overrides: dict[str, Any] | None = None,

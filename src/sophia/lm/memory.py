@@ -35,6 +35,16 @@ padded vocabulary ``V``, micro-batch ``B`` sequences of ``T`` tokens (``s = B*T`
   Hutchinson estimate keeps a second-order graph with the math attention path: counted as twice
   the activations (math path) of its micro-batch, plus the logits.
 
+Under ``--parallel fsdp`` (FSDP2 over ``W`` ranks) the weights, gradients and optimizer state are
+sharded: ``(8 + state) * n / W``; on top come the gathered weights in compute (the root's:
+embeddings, final norm, for the whole step, and two blocks' in flight) in the compute dtype (bf16
+under the CUDA mixed-precision policy, else fp32), the unsharded gradients that accumulate across
+micro-batches without a reduce (``2n`` bf16 or ``4n`` fp32 when a rank runs more than one), or else
+two blocks' reduce-scatter buffers; no DDP buckets. Sophia-H's Hutchinson refresh gathers the full
+fp32 weights and builds the full estimate (``8n`` more, for the refresh only). With
+``--activation-checkpointing`` a layer keeps only its fp32 input (``4 * s * d``) and one layer's
+activations are recomputed at a time.
+
 The peak is the static part plus the larger of the training micro-batch and the refresh. An
 allocator's fragmentation and workspace come on top: :func:`plan` adds :data:`OVERHEAD_BYTES`
 (CUDA context and library workspaces, measured at about 0.5-1 GiB) on CUDA only.
@@ -116,6 +126,10 @@ class MemoryEstimate:
                                                   ("overhead", self.overhead), ("total", self.total))}
 
 
+def _block_parameters(n_embd: int, bias: bool) -> int:
+    return 12 * n_embd * n_embd + (13 * n_embd if bias else 2 * n_embd)
+
+
 def activation_bytes_per_layer(tokens: int, n_embd: int, n_head: int, block_size: int, micro_batch: int,
                                bf16: bool, math_attention: bool) -> int:
     c = 38 if bf16 else 68
@@ -127,16 +141,32 @@ def activation_bytes_per_layer(tokens: int, n_embd: int, n_head: int, block_size
 
 def estimate(*, n_layer: int, n_head: int, n_embd: int, block_size: int, vocab: int, batch_size: int,
              optimizer: str, bf16: bool, world_size: int = 1, bias: bool = False, qk_norm: bool = False,
-             hessian_batch_fraction: float = 1.0, cuda: bool = False) -> MemoryEstimate:
-    """Peak memory of one device, by the terms in this module's docstring."""
+             hessian_batch_fraction: float = 1.0, cuda: bool = False, parallel: str = "ddp",
+             activation_checkpointing: bool = False, micro_batches: int = 1) -> MemoryEstimate:
+    """Peak memory of one device, by the terms in this module's docstring (``micro_batches``: per rank and
+    step, which decides whether FSDP keeps unsharded gradients between them)."""
     n = gpt_parameters(n_layer, n_embd, vocab, block_size, bias, qk_norm, n_head)
-    static = 4 * n + 4 * n + STATE_BYTES.get(optimizer, 8) * n
-    if bf16:
-        static += 2 * n
-    if world_size > 1:
-        static += 4 * n
+    state = STATE_BYTES.get(optimizer, 8)
+    if parallel == "fsdp":
+        compute_bytes = 2 if bf16 and cuda else 4  # the mixed-precision policy gathers bf16 weights on CUDA
+        root = n - n_layer * _block_parameters(n_embd, bias)
+        block = _block_parameters(n_embd, bias)
+        static = -(-(8 + state) * n // world_size) + compute_bytes * (root + min(2, n_layer) * block)
+        if bf16 and not cuda:
+            static += 2 * n  # autocast's cached bf16 casts of the gathered weights
+        static += compute_bytes * n if micro_batches > 1 else 4 * 2 * block
+    else:
+        static = 4 * n + 4 * n + state * n
+        if bf16:
+            static += 2 * n
+        if world_size > 1:
+            static += 4 * n
     tokens = batch_size * block_size
-    acts = n_layer * activation_bytes_per_layer(tokens, n_embd, n_head, block_size, batch_size, bf16, False)
+    per_layer = activation_bytes_per_layer(tokens, n_embd, n_head, block_size, batch_size, bf16, False)
+    if activation_checkpointing:
+        acts = n_layer * 4 * tokens * n_embd + per_layer
+    else:
+        acts = n_layer * per_layer
     acts += 4 * tokens * n_embd * 2  # embeddings' sum and ln_f's fp32 input
     logits = (2 if bf16 else 4) * tokens * vocab + 12 * tokens * vocab
     refresh = 0
@@ -145,6 +175,8 @@ def estimate(*, n_layer: int, n_head: int, n_embd: int, block_size: int, vocab: 
         ht = hb * block_size
         refresh = 2 * n_layer * activation_bytes_per_layer(ht, n_embd, n_head, block_size, hb, bf16, True)
         refresh += (2 if bf16 else 4) * ht * vocab + 12 * ht * vocab + 8 * n  # and the HVP's vectors
+        if parallel == "fsdp" and optimizer == "sophiah":
+            refresh += 8 * n  # the gathered full weights and the full estimate
     return MemoryEstimate(parameters=n, static=static, activations=acts, logits=logits, refresh=refresh,
                           overhead=OVERHEAD_BYTES if cuda else 0)
 
@@ -155,7 +187,10 @@ def estimate_run(cfg: Any, vocab: int, *, world_size: int, device_type: str, bf1
     return estimate(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                     vocab=padded_vocab(vocab, cfg.vocab_pad_multiple), batch_size=batch_size or cfg.batch_size,
                     optimizer=cfg.optimizer, bf16=bf16, world_size=world_size, bias=cfg.bias, qk_norm=cfg.qk_norm,
-                    hessian_batch_fraction=cfg.hessian_batch_fraction, cuda=device_type == "cuda")
+                    hessian_batch_fraction=cfg.hessian_batch_fraction, cuda=device_type == "cuda",
+                    parallel=getattr(cfg, "parallel", "ddp"),
+                    activation_checkpointing=getattr(cfg, "activation_checkpointing", False),
+                    micro_batches=max(1, cfg.grad_accum // world_size))
 
 
 def device_memory_bytes(device: torch.device) -> int:
@@ -216,22 +251,41 @@ def plan_summary(cfg: Any, *, world_size: int, device_type: str, device_bytes: i
         "memory_gib": round(e.total / GiB, 2), "memory_breakdown_gib": e.as_dict(),
         "device_memory_gib": round(device_bytes / GiB, 2) if device_bytes else None,
     }
+    parallel = getattr(cfg, "parallel", "ddp")
+    out["parallel"] = parallel
+    out["activation_checkpointing"] = bool(getattr(cfg, "activation_checkpointing", False))
+    if parallel == "ddp":  # what sharding would need, so a user sees when it is worth it
+        import dataclasses
+
+        sharded = dataclasses.replace(cfg, parallel="fsdp") if dataclasses.is_dataclass(cfg) else None
+        if sharded is not None:
+            out["memory_fsdp_gib"] = round(estimate_run(sharded, vocab, world_size=world_size, device_type=device_type,
+                                                        bf16=bf16).total / GiB, 2)
     out["fits"] = None if not device_bytes else bool(e.total <= 0.9 * device_bytes)
     if out["fits"] is False:
         out["advice"] = fit_advice(est, cfg.batch_size, cfg.grad_accum, world_size, int(0.9 * device_bytes))
+        if parallel == "ddp" and out.get("memory_fsdp_gib") is not None \
+                and out["memory_fsdp_gib"] * GiB <= 0.9 * device_bytes:
+            out["advice"] = (f"--parallel fsdp (about {out['memory_fsdp_gib']:.1f} GiB per device: weights, "
+                             f"gradients and optimizer state sharded over {world_size} rank(s)), or {out['advice']}")
     return out
 
 
 def format_plan(p: dict[str, Any]) -> str:
     b = p["memory_breakdown_gib"]
-    lines = [f"plan       {p['preset']} with {p['optimizer']} on {p['world_size']} x {p['device']} ({p['dtype']})",
+    how = "FSDP2" if p.get("parallel") == "fsdp" else "DDP" if p["world_size"] > 1 else "one process"
+    if p.get("activation_checkpointing"):
+        how += ", activation checkpointing"
+    lines = [f"plan       {p['preset']} with {p['optimizer']} on {p['world_size']} x {p['device']} ({p['dtype']}; "
+             f"{how})",
              f"model      {p['parameters']:,} parameters (vocabulary {p['vocab_size']:,}, padded to "
              f"{p['padded_vocab_size']:,}); {p['flops_per_token'] / 1e9:.2f} GFLOPs per token",
              f"batch      {p['tokens_per_step']:,} tokens per step: {p['micro_batches_per_rank']} micro-batch(es) "
              f"of {p['micro_batch'][0]} x {p['micro_batch'][1]} per rank",
              f"memory     about {p['memory_gib']:.1f} GiB per device (static {b['static']:.1f}: weights, grads, "
              f"optimizer state; activations {b['activations']:.1f}; logits {b['logits']:.1f}; Hessian refresh "
-             f"{b['refresh']:.1f}; overhead {b['overhead']:.1f})"]
+             f"{b['refresh']:.1f}; overhead {b['overhead']:.1f})"
+             + (f"; under --parallel fsdp about {p['memory_fsdp_gib']:.1f} GiB" if "memory_fsdp_gib" in p else "")]
     if p["device_memory_gib"] is None:
         lines.append("fits       unknown (give --device-memory-gib)")
     else:

@@ -135,10 +135,19 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias), nn.GELU(),
                                  nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias), nn.Dropout(cfg.dropout))
+        self.checkpointed = False  # activation checkpointing: see GPT.set_activation_checkpointing
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.checkpointed and torch.is_grad_enabled():
+            # Inside the block's own forward, so that a wrapper around the block (FSDP2's hooks) sees one call.
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
 
 
 class GPT(nn.Module):
@@ -174,6 +183,13 @@ class GPT(nn.Module):
     def num_parameters(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Keep only each block's input for the backward and recompute the rest there (about a third more
+        compute, activations cut to one block's plus a residual stream per layer). Dropout masks are
+        recomputed identically (the checkpoint restores the RNG state)."""
+        for block in self.blocks:
+            block.checkpointed = bool(enabled)
 
     @property
     def attention(self) -> str:

@@ -50,6 +50,23 @@ def _gpt2(n_layer, n_head, n_embd, sophia_lr, rho, sophia_min_lr, adam_lr, adam_
     )
 
 
+def _gpt2_xl() -> dict[str, Any]:
+    """1.5B parameters (48 layers, 25 heads, 1600 wide), trained with FSDP2 by default: under DDP its weights,
+    gradients and optimizer state alone (about 22 bytes per parameter with bf16) crowd an 80 GB device.
+
+    Sophia-G (lr 2e-4, rho 0.04, weight decay 0.15) and AdamW (lr 1.2e-4, weight decay 0.1) are the authors'
+    1.5B settings from their follow-up tracker (Liuhong99/Sophia #15; shared SOPHIA_SPEC section 7), min lr a
+    twentieth of lr as at 770M. Lion and Sophia-H are NOT tuned at this size: the gpt2-large values, scaled
+    with Sophia-G's lr for Sophia-H."""
+    p = _gpt2(48, 25, 1600, 2e-4, 0.04, 1e-5, 1.2e-4, 6e-6, 6e-5)
+    p["parallel"] = "fsdp"
+    p["optimizers"]["sophiag"]["weight_decay"] = 0.15
+    p["optimizers"]["sophiah"]["weight_decay"] = 0.15
+    # One sequence of each 12 for the Hutchinson estimate (its double backward keeps T x T attention).
+    p["optimizers"]["sophiah"]["hessian_batch_fraction"] = 1 / 12
+    return p
+
+
 # tiny: AdamW and SophiaG lrs from a small single-seed grid at 400 steps
 # (benchmarks/results/tiny-lr-grid/README.md); Muon's from one at 300 steps (benchmarks/results/
 # muon-tiny-grid/README.md: muon_lr 0.04 and 0.08 tied, 0.16 far worse); the others are untuned.
@@ -72,6 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-small": _gpt2(12, 12, 768, 6e-4, 0.05, 1.5e-5, 6e-4, 3e-5, 1e-4),
     "gpt2-medium": _gpt2(24, 16, 1024, 7e-4, 0.08, 1e-5, 3e-4, 6e-5, 1e-4),
     "gpt2-large": _gpt2(36, 20, 1280, 3e-4, 0.05, 1e-5, 2e-4, 1e-5, 8e-5),
+    "gpt2-xl": _gpt2_xl(),
 }
 
 

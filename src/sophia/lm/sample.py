@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from sophia.lm.checkpoint import TOKENIZER_DIR, load_checkpoint
+from sophia.lm.checkpoint import TOKENIZER_DIR, load_checkpoint, load_sharded_model
 from sophia.lm.config import TrainError
 from sophia.lm.model import GPT, GPTConfig
 
@@ -76,7 +76,10 @@ def stream(out_dir: str, *, start: str = "\n", max_new_tokens: int = 300, temper
     top_k = top_k or None
     ckpt = load_checkpoint(Path(out_dir), purpose="sample")
     model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    if ckpt.get("format") == "dcp":  # written by --parallel fsdp: the shards, assembled here
+        load_sharded_model(Path(ckpt["path"]), model)
+    else:
+        model.load_state_dict(ckpt["model"])
     model.eval()
     kept = Path(out_dir) / TOKENIZER_DIR  # the run's own copy (runs since it existed); else the dataset's
     try:

@@ -34,7 +34,17 @@ import torch
 import torch.distributed as dist
 
 from sophia.hessian import categorical_sampled_loss, hutchinson
-from sophia.lm.checkpoint import METRICS, MetricsLog, has_checkpoint, keep_tokenizer, load_checkpoint, save_checkpoint
+from sophia.lm import parallel
+from sophia.lm.checkpoint import (
+    METRICS,
+    MetricsLog,
+    has_checkpoint,
+    keep_tokenizer,
+    load_checkpoint,
+    remove_stale,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from sophia.lm.config import LEGACY_DEFAULTS, TrainConfig, TrainError, check_writable_dir
 from sophia.lm.device import resolve_device as check_device
 from sophia.lm.memory import GiB, device_memory_bytes, estimate_run, fit_advice, flops_per_token, peak_tflops
@@ -70,20 +80,29 @@ def resolve_device(device_pref: str, local_rank: int = 0, world_size: int = 1) -
 class Distributed:
     """Rank bookkeeping; the process group (torchrun) is formed by :meth:`start`, after the data is ready."""
 
-    def __init__(self, device_pref: str, timeout_min: float = 30.0) -> None:
+    def __init__(self, device_pref: str, timeout_min: float = 30.0, sharded: bool = False) -> None:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = resolve_device(device_pref, self.local_rank, self.world_size)
         self.timeout_min = timeout_min
         self.enabled = self.world_size > 1
+        self.sharded = sharded  # FSDP2: a process group even for one rank (sharding over one, same code path)
+        self._owns_group = False
 
     def start(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(minutes=self.timeout_min))
+        if dist.is_initialized():
+            return
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(minutes=self.timeout_min)
+        if self.enabled:
+            dist.init_process_group(backend, timeout=timeout)
+            self._owns_group = True
+        elif self.sharded:  # one process without torchrun: a group of one, no rendezvous needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            self._owns_group = True
 
     @property
     def main(self) -> bool:
@@ -105,7 +124,7 @@ class Distributed:
                 t.div_(self.world_size)
 
     def close(self) -> None:
-        if self.enabled and dist.is_initialized():
+        if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -156,7 +175,8 @@ class Trainer:
                  schedule_changes: dict[str, tuple[Any, Any]] | None = None) -> None:
         self.cfg = cfg
         self.resume_mode = resume  # False, True, or "auto" (resume when a checkpoint exists)
-        self.dist = Distributed(cfg.device, cfg.dist_timeout_min)
+        self.fsdp = cfg.parallel == "fsdp"
+        self.dist = Distributed(cfg.device, cfg.dist_timeout_min, sharded=self.fsdp)
         self.device = self.dist.device
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.out_dir = Path(cfg.out_dir)
@@ -240,14 +260,27 @@ class Trainer:
                                       vocab_pad_multiple=cfg.vocab_pad_multiple)
         self._check_memory(self.data.vocab_size)
         torch.manual_seed(cfg.seed)
-        self.model = GPT(self.model_config).to(self.device)
+        bf16 = use_bf16(cfg, self.device.type)
+        if self.fsdp:
+            # Built whole on the CPU with DDP's initialisation, then sharded onto the devices by fully_shard.
+            self.model = GPT(self.model_config)
+            self.model.set_activation_checkpointing(cfg.activation_checkpointing)
+            if self.compile:  # per block, as FSDP2 wants it: the sharded module's hooks stay outside the graphs
+                for block in self.model.blocks:
+                    block.compile()
+            parallel.shard_gpt(self.model, self.device, bf16_params=bf16 and self.cuda)
+            self._replica = parallel.HutchinsonReplica(self.model, self.model_config) \
+                if cfg.optimizer == "sophiah" else None
+        else:
+            self.model = GPT(self.model_config).to(self.device)
+            self.model.set_activation_checkpointing(cfg.activation_checkpointing)
         # Dropout differs per rank (identical streams would correlate the ranks' noise).
         torch.manual_seed(cfg.seed + 7919 * self.dist.rank)
         self.raw_model = self.model
         self.eval_model = self.raw_model
-        if self.compile:
+        if self.compile and not self.fsdp:
             self.model = self.eval_model = torch.compile(self.raw_model)
-        if self.dist.enabled:
+        if self.dist.enabled and not self.fsdp:
             if cfg.optimizer == "adahessian":
                 raise TrainError("adahessian needs backward(create_graph=True), which DDP does not support")
             self.model = torch.nn.parallel.DistributedDataParallel(
@@ -255,7 +288,11 @@ class Trainer:
         settings = OptimizerSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2,
                                      rho=cfg.rho, eps=cfg.eps, hessian_interval=cfg.hessian_interval,
                                      muon_lr=cfg.muon_lr)
-        fast = cfg.fused_optimizer and self.cuda
+        fast = cfg.fused_optimizer and self.cuda and not self.fsdp
+        if self.fsdp and self.cuda and cfg.fused_optimizer and cfg.optimizer in ("adamw", "sophiag") \
+                and self.dist.main:
+            self.log(f"--parallel fsdp: {cfg.optimizer} runs its foreach update on the sharded weights (the fused "
+                     "AdamW kernel and SophiaG's CUDA-graph step are for whole, unsharded tensors)")
         self.opt = build_optimizer(cfg.optimizer, self.raw_model.param_groups(cfg.weight_decay), settings,
                                    fused=fast and cfg.optimizer in ("adamw", "muon"),
                                    cuda_graph=fast and cfg.optimizer == "sophiag")
@@ -266,7 +303,6 @@ class Trainer:
 
         self.val_batches = fixed_batches(self.data.val, cfg.batch_size, cfg.block_size, cfg.eval_batches,
                                          seed=1234)
-        bf16 = use_bf16(cfg, self.device.type)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         self.amp_dtype = "bfloat16" if bf16 else "float32"
         self.flops_per_token = flops_per_token(self.raw_model.num_parameters(non_embedding=True), cfg.n_layer,
@@ -286,8 +322,7 @@ class Trainer:
                 old.rename(kept)
                 self.log(f"{old} (from an earlier run without a checkpoint) was kept as {kept.name}")
         if self.dist.main:
-            for stale in self.out_dir.glob(".checkpoint*.tmp"):  # left by a kill during a save
-                stale.unlink(missing_ok=True)
+            remove_stale(self.out_dir)  # temporary files and folders left by a kill during a save
             keep_tokenizer(self.out_dir, self.data.dir)
 
     def _check_memory(self, vocab: int) -> None:
@@ -315,9 +350,17 @@ class Trainer:
                 raise TrainError(f"--resume: the checkpoint was trained with {key}={saved.get(key)!r}, "
                                  f"not {getattr(self.cfg, key)!r}")
         self._check_same_dataset(ckpt)
+        sharded_ckpt = ckpt.get("format") == "dcp"
+        if sharded_ckpt != self.fsdp:
+            raise TrainError(f"--resume: the checkpoint {Path(ckpt['path']).name} was written by --parallel "
+                             f"{'fsdp' if sharded_ckpt else 'ddp'}, this run uses --parallel {self.cfg.parallel}; "
+                             "resume with the --parallel it was written by")
         try:
-            self.raw_model.load_state_dict(ckpt["model"])
-            self.opt.load_state_dict(ckpt["optimizer"])
+            if sharded_ckpt:
+                self._load_sharded(ckpt)
+            else:
+                self.raw_model.load_state_dict(ckpt["model"])
+                self.opt.load_state_dict(ckpt["optimizer"])
             self.counters = {**self.counters, **ckpt["counters"]}
             rng = ckpt["rng"]
             per_rank = rng["torch_per_rank"]
@@ -341,6 +384,32 @@ class Trainer:
                               "saved_world_size": saved_world,
                               "changes": {k: {"was": a, "now": b} for k, (a, b) in self.schedule_changes.items()}}
 
+    def _sharded_state(self, optimizer: bool) -> dict[str, Any]:
+        """The model's and (if ``optimizer``) the optimizer's sharded state dicts, keyed by parameter names.
+
+        get_optimizer_state_dict fills an empty optimizer state by a step with lr 0, which counts a step
+        (AdamW's bias correction, Sophia-H's refresh schedule): never asked before the first real step."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        state = {"model": get_model_state_dict(self.model)}
+        if optimizer:
+            state["optimizer"] = get_optimizer_state_dict(self.model, self.opt)
+        return state
+
+    def _load_sharded(self, ckpt: dict[str, Any]) -> None:
+        """Each rank reads its shards of a DCP checkpoint (DCP reshards when the world size changed)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        state = self._sharded_state(optimizer=ckpt.get("optimizer_saved", True))
+        dcp.load(state, checkpoint_id=ckpt["path"])
+        set_model_state_dict(self.model, state["model"])
+        if "optimizer" in state:  # a step-0 checkpoint has no optimizer state yet
+            set_optimizer_state_dict(self.model, self.opt, state["optimizer"])
+        counters = ckpt.get("optimizer_counters")
+        if counters:  # Sophia's refresh counts live beside its state dict, which the name-keyed form drops
+            self.opt.load_state_dict({**self.opt.state_dict(), **counters})
+
     def _check_same_dataset(self, ckpt: dict[str, Any]) -> None:
         """The data a resumed run reads must be the data the checkpoint trained on."""
         saved = ckpt.get("dataset")
@@ -361,9 +430,13 @@ class Trainer:
         return out
 
     def _state_is_finite(self) -> bool:
-        tensors = [p for p in self.raw_model.parameters()]
+        """Whether the weights and optimizer state are finite (under FSDP each rank checks its shards, and the
+        ranks agree by a collective)."""
+        tensors = [parallel.local(p) for p in self.raw_model.parameters()]
         for state in self.opt.state.values():
-            tensors += [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
+            tensors += [parallel.local(v) for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
+        if self.fsdp:
+            return parallel.all_ranks_true(all_finite(tensors), self.device)
         return all_finite(tensors)
 
     def _checkpoint(self) -> None:
@@ -378,11 +451,18 @@ class Trainer:
         rng = {"torch_per_rank": self._gather(torch.get_rng_state()), "data": self.data_gen.get_state()}
         if self.cuda:
             rng["cuda_per_rank"] = self._gather(torch.cuda.get_rng_state(self.device))
-        if not self.dist.main:
-            return
         meta = self.data.meta
-        save_checkpoint(self.out_dir, {
-            "model": self.raw_model.state_dict(), "optimizer": self.opt.state_dict(),
+        if self.fsdp:
+            opt_sd_extra = {k: v for k, v in self.opt.state_dict().items() if k not in ("state", "param_groups")} \
+                if hasattr(self.opt, "diagnostics") else {}
+            saved = bool(self.opt.state)
+            info = {"optimizer_counters": opt_sd_extra, "optimizer_saved": saved}
+            state = self._sharded_state(optimizer=saved)
+        elif not self.dist.main:
+            return
+        else:
+            info = {"model": self.raw_model.state_dict(), "optimizer": self.opt.state_dict()}
+        info.update({
             "step": self.counters["step"], "counters": dict(self.counters), "config": self.cfg.to_dict(),
             "model_config": self.model_config.to_dict(), "rng": rng,
             "schedule": {"lr": lr_at(self.counters["step"], self.cfg)}, "data_position": rng["data"],
@@ -390,7 +470,11 @@ class Trainer:
             "dataset": {"dir": str(Path(self.data.dir).resolve()),
                         **{k: meta.get(k) for k in ("source_sha256", "train_tokens", "val_tokens", "vocab_size",
                                                      "tokenizer")}},
-        }, keep=self.cfg.keep_checkpoints)
+        })
+        if self.fsdp:
+            save_sharded_checkpoint(self.out_dir, state, info, main=self.dist.main, keep=self.cfg.keep_checkpoints)
+        else:
+            save_checkpoint(self.out_dir, info, keep=self.cfg.keep_checkpoints)
 
     # -- pieces of a step -----------------------------------------------------------------
     def _batch(self, batch_size: int):
@@ -408,14 +492,19 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches, split across ranks (rank r takes batches r, r+W, ...):
-        the same mean as one process computes (a collective: every rank calls it)."""
+        the same mean as one process computes (a collective: every rank calls it). Under FSDP a forward is a
+        collective too, so every rank runs as many forwards: a rank short of one repeats batch 0, uncounted."""
         self.eval_model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for j in range(self.dist.rank, len(self.val_batches), self.dist.world_size):
-            x, y = self.val_batches[j]
+        n, world = len(self.val_batches), self.dist.world_size
+        rounds = -(-n // world) if self.fsdp else 0
+        for k in range(max(rounds, -(-(n - self.dist.rank) // world))):
+            j = self.dist.rank + k * world
+            x, y = self.val_batches[j if j < n else 0]
             with self.autocast:
                 _, loss = self.eval_model(x.to(self.device), y.to(self.device))
-            total += loss.double()
+            if j < n:
+                total += loss.double()
         self.eval_model.train()
         self.dist.all_reduce_sum_(total)
         return (total / len(self.val_batches)).item()
@@ -423,13 +512,22 @@ class Trainer:
     @torch.no_grad()
     def attention_stats(self) -> dict[str, list[float]]:
         """Per-layer largest attention logit and attention entropy on the first validation batch
-        (one extra forward at evaluations, on rank 0 only: every rank holds the same weights)."""
-        if not self.dist.main:
+        (one extra forward at evaluations, on rank 0 only: every rank holds the same weights; under FSDP on
+        every rank, with the weights gathered, a collective)."""
+        if self.fsdp:
+            self.raw_model.eval()
+            with parallel.unsharded(self.raw_model), self.autocast:
+                stats = self.raw_model.attention_stats(self.val_batches[0][0].to(self.device))
+            self.raw_model.train()
+            if not self.dist.main:
+                return {}
+        elif not self.dist.main:
             return {}
-        self.raw_model.eval()
-        with self.autocast:
-            stats = self.raw_model.attention_stats(self.val_batches[0][0].to(self.device))
-        self.raw_model.train()
+        else:
+            self.raw_model.eval()
+            with self.autocast:
+                stats = self.raw_model.attention_stats(self.val_batches[0][0].to(self.device))
+            self.raw_model.train()
         stats = {k: [round(v, 4) for v in vals] for k, vals in stats.items()}
         worst = max(stats["attn_max_logit"], default=0.0)
         if self.cfg.attn_logit_warn > 0 and worst > self.cfg.attn_logit_warn and not self._attn_warned:
@@ -465,7 +563,7 @@ class Trainer:
             n_micro, bs = self.accum, self._hessian_batch_size()
         for micro in range(n_micro):
             x, _ = self._batch(bs)
-            sync = self.model.no_sync() if self.dist.enabled and micro < n_micro - 1 else nullcontext()
+            sync = self._sync(micro == n_micro - 1)
             with sync, self.autocast:
                 logits, _ = self.model(x)
                 sampled = categorical_sampled_loss(logits, generator=self._label_generator(micro))
@@ -483,26 +581,42 @@ class Trainer:
         cfg = self.cfg
         params = [p for g in self.opt.param_groups for p in g["params"]]
         x, y = self._batch(self._hessian_batch_size())
+        if self.fsdp:
+            def loss_of(module, weights):
+                with self.autocast:
+                    return torch.func.functional_call(module, weights, (x, y))[1]
 
-        def loss_fn(ps):  # the parameters are the module's own: plain autograd, no functional call needed
-            with self.autocast:
-                return self.raw_model(x, y)[1]
+            est = self._replica.estimate(params, loss_of, hutchinson)
+            est = [parallel.shard_mean(e, p) for e, p in zip(est, params)]
+        else:
+            def loss_fn(ps):  # the parameters are the module's own: plain autograd, no functional call needed
+                with self.autocast:
+                    return self.raw_model(x, y)[1]
 
-        with self.raw_model.use_attention("math"):
-            est = hutchinson(loss_fn, params)
-        self.dist.all_reduce_mean_(est)
+            with self.raw_model.use_attention("math"):
+                est = hutchinson(loss_fn, params)
+            self.dist.all_reduce_mean_(est)
         self.opt.update_hessian(estimates=est)
         # a forward and backward with graph, then the Hessian-vector product (about one more backward)
         self.counters["hessian_passes"] += 2 * self.dist.world_size * self._hessian_batch_size() / cfg.batch_size
 
     def _grad_norm(self) -> torch.Tensor:
         """The global gradient norm (clipping to --grad-clip when it is > 0), on the device."""
+        if self.fsdp:
+            return parallel.grad_norm(self.raw_model.parameters(), self.cfg.grad_clip, self.device)
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         if self.cfg.grad_clip > 0:
             return torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         if not params:
             return torch.zeros((), device=self.device)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+
+    def _sync(self, last: bool):
+        """Gradients are reduced across ranks in the last micro-batch's backward only."""
+        if self.fsdp:
+            parallel.set_gradient_sync(self.model, last)
+            return nullcontext()
+        return self.model.no_sync() if self.dist.enabled and not last else nullcontext()
 
     def train_step(self, i: int) -> tuple[torch.Tensor, float, bool]:
         """One optimizer step; returns (mean training loss on this rank as a device tensor, lr, skipped)."""
@@ -519,7 +633,7 @@ class Trainer:
             nxt = self._batch(cfg.batch_size)
             for micro in range(self.accum):
                 x, y = nxt
-                sync = self.model.no_sync() if self.dist.enabled and micro < self.accum - 1 else nullcontext()
+                sync = self._sync(micro == self.accum - 1)
                 with sync:
                     with self.autocast:
                         _, loss = self.model(x, y)
@@ -628,7 +742,9 @@ class Trainer:
             if self.dist.main:
                 self.log(f"training {cfg.preset} ({self.raw_model.num_parameters() / 1e6:.2f}M parameters) with "
                          f"{cfg.optimizer} for {cfg.max_steps} steps on {self.device} ({self.amp_dtype}"
-                         f"{', compiled' if self.compile else ''}), "
+                         f"{', compiled' if self.compile else ''}"
+                         f"{f', FSDP2 over {self.dist.world_size} rank(s)' if self.fsdp else ''}"
+                         f"{', activation checkpointing' if cfg.activation_checkpointing else ''}), "
                          f"{cfg.batch_size * cfg.block_size * self.accum * self.dist.world_size} tokens per step")
             self._event(event="start", config=cfg.to_dict(), parameters=self.raw_model.num_parameters(),
                         world_size=self.dist.world_size, device=str(self.device),
@@ -726,7 +842,11 @@ class Trainer:
         return self.summary()
 
     def _check_ranks_identical(self) -> None:
-        """Every rank must hold the same weights; a cheap float64 fingerprint, gathered."""
+        """Every rank must hold the same weights; a cheap float64 fingerprint, gathered. Under FSDP each
+        weight exists once, in shards: there is nothing to compare, and the event says so."""
+        if self.fsdp:
+            self._event(event="ranks", sharded=True, world_size=self.dist.world_size)
+            return
         with torch.no_grad():
             fp = torch.stack([p.double().sum() for p in self.raw_model.parameters()]).to(self.device)
         gathered = [torch.empty_like(fp) for _ in range(self.dist.world_size)]
