@@ -262,3 +262,26 @@ def test_fsdp_memory_plan(capsys):
                  "--world-size", "8"]) == 0
     out = capsys.readouterr().out
     assert "FSDP2" in out and "fits       yes" in out
+
+
+def test_sigterm_writes_a_sharded_checkpoint_and_stops(corpus, tmp_path):
+    args = _args(corpus, tmp_path, "term", "sophiag", 400, "--parallel", "fsdp", "--checkpoint-every", "1000")
+    proc = subprocess.Popen([sys.executable, "-m", "sophia", *args], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 200
+    while time.time() < deadline:
+        if metrics.exists() and metrics.read_text().count('"train"') >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    newest = list_checkpoints(tmp_path / "term")[0]
+    step = load_checkpoint(tmp_path / "term")["step"]
+    assert newest.name == f"checkpoint-{step:08d}.dcp" and 5 <= step < 400
+    stopped = [e for e in read_metrics(tmp_path / "term") if e["event"] == "stopped"]
+    assert stopped and stopped[0]["step"] == step
+    resumed = _cli(["train", "--out-dir", str(tmp_path / "term"), "--resume", "--max-steps", str(step + 2),
+                    "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
