@@ -194,6 +194,18 @@ def _grids(items: list[str]) -> dict[str, list[float]] | None:
     return grids or None
 
 
+def _exit_rank(rc: int) -> None:
+    """A torchrun rank whose run is over (checkpoints fsynced, logs flushed) leaves at once. Letting the
+    interpreter tear down torch.distributed's C++ objects sometimes aborted a gloo rank after a completed run
+    ("terminate called without an active exception", SIGABRT), which torchrun reports as a failed job."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sophia", description="sophia-lab command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "sophia " + shlex.join(sys.argv[1:] if argv is None else argv)  # what the reports record
     try:
         if args.command == "train":
-            return _train(args, whole_process=argv is None)
+            rc = _train(args, whole_process=argv is None)
+            if argv is None:
+                _exit_rank(rc)
+            return rc
         if args.command == "sample":
             from sophia.lm.sample import stream
 
