@@ -19,8 +19,8 @@ decays weights by ``lr * weight_decay`` per step.
 The Newton-Schulz dtype: torch runs the iteration in bfloat16. :class:`Muon` is torch's Muon with
 that dtype a choice (``ns_dtype``, default bfloat16: its steps then equal torch's bitwise, tested), for
 CPUs without bfloat16 matrix instructions. On the development machine (AVX-512 BF16) bfloat16 is the
-faster: a whole Muon + AdamW step took 35-45 ms in bfloat16 against 51-58 ms in float32 on ``tiny``, and
-118 against 216 ms on ``small`` (one thread, side by side).
+faster: a whole Muon + AdamW step took 22 ms in bfloat16 against 31 ms in float32 on ``tiny`` (118 against
+216 ms on ``small``, under load), one thread, side by side (benchmarks/muon_ns_speed.py).
 """
 
 from __future__ import annotations
