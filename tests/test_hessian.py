@@ -36,6 +36,7 @@ from sophia.hessian import (
     probes_like,
     rademacher_like,
     sample_categorical,
+    sample_categorical_from_uniform,
 )
 
 DT = torch.float64
@@ -514,6 +515,42 @@ def test_sample_categorical_frequencies_match_softmax():
     assert counts[4] == 0, "a class of probability 0 was drawn"
     assert ((counts - n * p).abs() <= SIGMA * sd).all(), (
         f"counts {counts.tolist()} vs expected {(n * p).tolist()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_inverse_cdf_labels_are_the_first_class_past_u(dtype):
+    """Against a float64 reference: the label is the first class whose cumulative softmax exceeds u * total,
+    for random rows, for u at the ends of [0, 1), and with classes of probability 0 at the start, middle and
+    end (never drawn, even at u = 0 or u just below 1)."""
+    logits = torch.randn(64, 9, generator=_gen(40), dtype=DT) * 3
+    logits[:16, 0] = -math.inf
+    logits[16:32, 4] = -math.inf
+    logits[32:48, 8] = -math.inf
+    u = torch.rand(64, generator=_gen(41), dtype=DT)
+    u[::8], u[1::8] = 0.0, 1.0 - 2.0 ** -24
+    cdf = torch.softmax(logits.to(dtype).double(), -1).cumsum(-1)
+    want = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1).clamp_max(8)
+    got = sample_categorical_from_uniform(logits.to(dtype), u.float())
+    assert got.dtype == torch.int64 and got.shape == (64,)
+    # float32 cumulative sums may move a u that lies within rounding of a boundary to the neighbouring class
+    close = (cdf - (u * cdf[:, -1]).unsqueeze(-1)).abs().min(-1).values < 1e-6
+    assert torch.equal(got[~close], want[~close]), (got - want).nonzero()
+    assert torch.isfinite(logits.gather(1, got.unsqueeze(1))).all(), "a class of probability 0 was drawn"
+
+
+def test_inverse_cdf_sampler_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="u of shape"):
+        sample_categorical_from_uniform(torch.zeros(3, 4), torch.zeros(4))
+    with pytest.raises(ValueError, match="class dimension"):
+        sample_categorical_from_uniform(torch.zeros(3, 1), torch.zeros(3))
+
+
+def test_inverse_cdf_sampler_compiles_to_the_same_labels():
+    """The harness draws labels inside torch.compile'd forwards: same labels as eager."""
+    logits = torch.randn(4, 32, 50, generator=_gen(42))
+    u = torch.rand(4, 32, generator=_gen(43))
+    compiled = torch.compile(sample_categorical_from_uniform, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(logits, u), sample_categorical_from_uniform(logits, u))
 
 
 # -- gnb_refresh with SophiaG ---------------------------------------------------------------------

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sophia.cli import main
-from sophia.hessian import categorical_sampled_loss, sample_categorical
+from sophia.hessian import categorical_sampled_loss, sample_categorical, sample_categorical_from_uniform
 from sophia.lm.checkpoint import list_checkpoints, read_metrics
 from sophia.lm.config import resolve_config
 from sophia.lm.memory import GiB, estimate, gpt_parameters
@@ -372,6 +373,24 @@ def test_padded_vocabulary_is_never_scored_sampled_or_generated():
         assert int(ids.max()) < 100
 
 
+def test_the_sampled_label_loss_in_the_forward_matches_the_loss_outside_it():
+    """`sophia train` refreshes Sophia-G with model(x, sample_uniform=u): the cross-entropy against labels drawn at
+    u from the model's own softmax, over the real vocabulary only (the padded rows are never drawn)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=16, vocab_pad_multiple=64))
+    x = torch.randint(0, 100, (8, 16))
+    u = torch.rand(8, 16, generator=torch.Generator().manual_seed(3))
+    logits, loss = model(x, sample_uniform=u)
+    labels = sample_categorical_from_uniform(logits, u)
+    assert int(labels.max()) < 100
+    want = F.cross_entropy(logits.detach().double().flatten(0, 1), labels.flatten())
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="not both"):
+        model(x, x, sample_uniform=u)
+
+
 def test_all_finite_reduces_flags_per_device():
     """The check before a checkpoint: optimizer state may hold CPU step counts beside device moments (a
     CUDA run once failed here stacking flags across devices); on CPU, finite, non-finite and empty tensors."""
@@ -411,7 +430,9 @@ def test_a_refresh_on_a_fraction_uses_whole_micro_batches_when_it_can(corpus, tm
     t.counters["step"] = 1  # the label draws are keyed by the step the refresh ran in
     for micro, x in enumerate(refresh_inputs):
         logits, _ = ref(x)
-        (categorical_sampled_loss(logits, generator=t._label_generator(micro)).loss / forwards).backward()
+        u = torch.rand(x.shape, generator=t._label_generator(micro))
+        labels = sample_categorical_from_uniform(logits, u)  # the sampler itself: tests/test_hessian.py
+        (F.cross_entropy(logits.flatten(0, 1), labels.flatten()) / forwards).backward()
     n = forwards * rows * 16
     b2 = t.opt.param_groups[0]["betas"][1]
     by_name = dict(t.raw_model.named_parameters())

@@ -7,6 +7,7 @@ from sophia.hessian.gnb import (
     gaussian_sampled_loss,
     gnb_refresh,
     sample_categorical,
+    sample_categorical_from_uniform,
 )
 from sophia.hessian.hutchinson import hutchinson, hutchinson_from_grads
 from sophia.hessian.probes import gaussian_like, probes_like, rademacher_like
@@ -23,4 +24,5 @@ __all__ = [
     "probes_like",
     "rademacher_like",
     "sample_categorical",
+    "sample_categorical_from_uniform",
 ]

@@ -33,9 +33,28 @@ class SampledLoss(NamedTuple):
 
 
 def sample_categorical(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Class indices drawn from softmax(logits) along the last dimension."""
-    probs = torch.softmax(logits.detach().float(), dim=-1).reshape(-1, logits.shape[-1])
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+    """Class indices drawn from softmax(logits) along the last dimension: one uniform number per
+    prediction from ``generator``, then :func:`sample_categorical_from_uniform`."""
+    u = torch.rand(logits.shape[:-1], generator=generator, device=logits.device)
+    return sample_categorical_from_uniform(logits, u)
+
+
+def sample_categorical_from_uniform(logits: Tensor, u: Tensor) -> Tensor:
+    """Class indices drawn from softmax(logits) by inverting its CDF at ``u`` (uniform in [0, 1),
+    shaped like ``logits[..., 0]``): the first class whose cumulative probability exceeds ``u``.
+
+    No generator and no data-dependent shapes, so it runs inside a compiled graph (the harness
+    samples Sophia-G's labels in the model's compiled forward); a class of probability 0 is never
+    drawn. The softmax and its cumulative sum are in float32 (float64 for float64 logits)."""
+    if logits.dim() < 1 or logits.shape[-1] < 2:
+        raise ValueError(f"logits must have a class dimension of size >= 2, got shape {tuple(logits.shape)}")
+    if u.shape != logits.shape[:-1]:
+        raise ValueError(f"u of shape {tuple(u.shape)} does not match logits {tuple(logits.shape)}")
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    cdf = torch.softmax(logits.detach().to(dtype), dim=-1).cumsum_(dim=-1)  # in place: one (..., C) temporary
+    # u * total rather than u: the last cumulative sum is 1 only up to rounding
+    t = (u.to(dtype) * cdf[..., -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, t, right=True).squeeze(-1).clamp_max(logits.shape[-1] - 1)
 
 
 def categorical_sampled_loss(logits: Tensor, *, mask: Tensor | None = None,

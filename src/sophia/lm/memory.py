@@ -303,7 +303,6 @@ def measure_peak_bytes(*, n_layer: int, n_head: int, n_embd: int, block_size: in
 
     CUDA: ``torch.cuda.max_memory_allocated``. CPU: the peak resident set size (VmHWM, reset before the model
     is built), ideally with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave the heap."""
-    from sophia.hessian import categorical_sampled_loss
     from sophia.lm.model import GPT, GPTConfig
     from sophia.lm.optimizers import OptimizerSettings, build_optimizer
 
@@ -332,10 +331,11 @@ def measure_peak_bytes(*, n_layer: int, n_head: int, n_embd: int, block_size: in
         opt.step()
         opt.zero_grad(set_to_none=True)
         if optimizer == "sophiag":
-            with amp:
-                sampled = categorical_sampled_loss(model(tokens[steps, :, :-1].to(dev))[0])
-            sampled.loss.backward()
-            opt.update_hessian(bs=sampled.n)
+            x = tokens[steps, :, :-1].to(dev)
+            with amp:  # as `sophia train` refreshes: labels sampled inside the forward
+                sampled_loss = model(x, sample_uniform=torch.rand(x.shape, device=dev))[1]
+            sampled_loss.backward()
+            opt.update_hessian(bs=x.numel())
             opt.zero_grad(set_to_none=True)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sophia.hessian.gnb import sample_categorical_from_uniform
+
 ATTENTION = ("sdpa", "math")
 
 
@@ -225,7 +227,14 @@ class GPT(nn.Module):
             x = block(x)
         return {"attn_max_logit": max_logit, "attn_entropy": entropy}
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *,
+                sample_uniform: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``targets`` (B, T) gives the mean cross-entropy against them. ``sample_uniform`` (B, T), uniform
+        numbers in [0, 1), gives instead the mean cross-entropy against labels drawn from the model's own
+        softmax at those numbers (Sophia-G's sampled-label loss), computed in the same graph as the forward,
+        so a compiled model never materialises a float32 copy of the logits outside it."""
+        if targets is not None and sample_uniform is not None:
+            raise ValueError("pass targets or sample_uniform, not both")
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -238,6 +247,8 @@ class GPT(nn.Module):
             # Padded classes are not tokens: out of the loss, the sampled labels and generation alike.
             logits = logits[..., :self.config.vocab_size]
         loss = None
+        if sample_uniform is not None:
+            targets = sample_categorical_from_uniform(logits, sample_uniform)
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sophia.hessian import categorical_sampled_loss, hutchinson
+from sophia.hessian import hutchinson
 from sophia.lm import parallel
 from sophia.lm.checkpoint import (
     METRICS,
@@ -563,13 +563,13 @@ class Trainer:
             n_micro, bs = self.accum, self._hessian_batch_size()
         for micro in range(n_micro):
             x, _ = self._batch(bs)
+            # one uniform number per position; the labels are drawn from them inside the (compiled) forward
+            u = torch.rand(x.shape, generator=self._label_generator(micro), device=self.device)
             sync = self._sync(micro == n_micro - 1)
             with sync, self.autocast:
-                logits, _ = self.model(x)
-                sampled = categorical_sampled_loss(logits, generator=self._label_generator(micro))
-            del logits
-            (sampled.loss / n_micro).backward()
-            n_local += sampled.n
+                _, sampled_loss = self.model(x, sample_uniform=u)
+            (sampled_loss / n_micro).backward()
+            n_local += x.numel()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
         self.opt.update_hessian(bs=n_local * self.dist.world_size)
