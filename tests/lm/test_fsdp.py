@@ -227,6 +227,33 @@ def test_one_process_fsdp_equals_a_plain_run_and_resumes(corpus, tmp_path):
     assert not torch.distributed.is_initialized()  # the group of one was closed
 
 
+_UNIFORM_DTYPE_SCRIPT = """
+import torch, torch.distributed as dist
+from sophia.lm import parallel
+from sophia.lm.model import GPT, GPTConfig
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+parallel.shard_gpt(model, torch.device("cpu"), bf16_params=True)
+seen = {}
+model.register_forward_pre_hook(lambda m, a, kw: seen.update(u=kw["sample_uniform"].dtype), with_kwargs=True)
+model(torch.randint(0, 50, (2, 16)), sample_uniform=torch.rand(2, 16))
+print("UNIFORM", seen["u"])
+dist.destroy_process_group()
+"""
+
+
+def test_the_sampled_label_uniforms_reach_the_forward_in_float32_under_bf16_fsdp(tmp_path):
+    """The GPU policy (bfloat16 parameters) casts a sharded module's float inputs; Sophia-G's uniform numbers
+    must not be (8 bits would skew the sampled labels), so the root shard keeps its inputs as given."""
+    script = tmp_path / "uniform_dtype.py"
+    script.write_text(_UNIFORM_DTYPE_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", str(script)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, _why(proc)
+    assert "UNIFORM torch.float32" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_bad_combinations_are_refused(corpus, tmp_path, capsys):
     for optimizer in ("adahessian", "muon"):
         capsys.readouterr()

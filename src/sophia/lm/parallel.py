@@ -43,13 +43,17 @@ def shard_gpt(model: nn.Module, device: torch.device, *, bf16_params: bool) -> N
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    kw = {"mesh": mesh}
+    kw, root_kw = {"mesh": mesh}, {"mesh": mesh}
     if bf16_params:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # The root's float inputs stay as given: Sophia-G's uniform numbers (forward(x, sample_uniform=u)) in
+        # bfloat16 would keep 8 bits and skew the sampled labels. Its other inputs are token ids.
+        root_kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                    cast_forward_inputs=False)
     for block in model.blocks:
         fully_shard(block, **kw)
     # The root keeps its weights (embeddings, the tied head) gathered from forward to backward.
-    fully_shard(model, **kw)
+    fully_shard(model, **root_kw)
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
