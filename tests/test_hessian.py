@@ -527,9 +527,12 @@ def test_inverse_cdf_labels_are_the_first_class_past_u(dtype):
     logits[16:32, 4] = -math.inf
     logits[32:48, 8] = -math.inf
     u = torch.rand(64, generator=_gen(41), dtype=DT)
-    u[::8], u[1::8] = 0.0, 1.0 - 2.0 ** -24
+    u[::8], u[1::8], u[2::8] = 0.0, 1.0 - 2.0 ** -24, 1.0  # u = 1 (outside [0, 1)) must still be safe
     cdf = torch.softmax(logits.to(dtype).double(), -1).cumsum(-1)
+    # the first class past u * total, or the last class of nonzero probability when u = 1
+    last = torch.isfinite(logits).long().cumsum(-1).argmax(-1)
     want = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1).clamp_max(8)
+    want = torch.where(u >= 1.0, last, want)
     got = sample_categorical_from_uniform(logits.to(dtype), u.float())
     assert got.dtype == torch.int64 and got.shape == (64,)
     # float32 cumulative sums may move a u that lies within rounding of a boundary to the neighbouring class
@@ -543,6 +546,8 @@ def test_inverse_cdf_sampler_rejects_bad_shapes():
         sample_categorical_from_uniform(torch.zeros(3, 4), torch.zeros(4))
     with pytest.raises(ValueError, match="class dimension"):
         sample_categorical_from_uniform(torch.zeros(3, 1), torch.zeros(3))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        sample_categorical_from_uniform(torch.zeros(3, 4), torch.zeros(3, dtype=torch.bfloat16))
 
 
 def test_inverse_cdf_sampler_compiles_to_the_same_labels():

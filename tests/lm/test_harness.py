@@ -382,7 +382,6 @@ def test_the_sampled_label_loss_in_the_forward_matches_the_loss_outside_it():
     u = torch.rand(8, 16, generator=torch.Generator().manual_seed(3))
     logits, loss = model(x, sample_uniform=u)
     labels = sample_categorical_from_uniform(logits, u)
-    assert int(labels.max()) < 100
     want = F.cross_entropy(logits.detach().double().flatten(0, 1), labels.flatten())
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     loss.backward()

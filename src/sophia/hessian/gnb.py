@@ -44,16 +44,25 @@ def sample_categorical_from_uniform(logits: Tensor, u: Tensor) -> Tensor:
     shaped like ``logits[..., 0]``): the first class whose cumulative probability exceeds ``u``.
 
     No generator and no data-dependent shapes, so it runs inside a compiled graph (the harness
-    samples Sophia-G's labels in the model's compiled forward); a class of probability 0 is never
-    drawn. The softmax and its cumulative sum are in float32 (float64 for float64 logits)."""
+    samples Sophia-G's labels in the model's compiled forward). The softmax and its cumulative sum
+    are in float32 (float64 for float64 logits); ``u`` must be float32 or float64 (in bfloat16 it
+    would keep 8 bits and coarsen the draw). Limits of float32: a class of probability below about
+    2**-24 (6e-8) is drawn with probability 0 or a multiple of 2**-24, which over a batch of
+    thousands of predictions differs from exact sampling only in the rare batch that would have
+    drawn it; a class of probability 0 is never drawn where the cumulative sum is computed in order
+    (eager CPU and CUDA)."""
     if logits.dim() < 1 or logits.shape[-1] < 2:
         raise ValueError(f"logits must have a class dimension of size >= 2, got shape {tuple(logits.shape)}")
     if u.shape != logits.shape[:-1]:
         raise ValueError(f"u of shape {tuple(u.shape)} does not match logits {tuple(logits.shape)}")
+    if u.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"u must be float32 or float64 (lower precision coarsens the draw), got {u.dtype}")
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     cdf = torch.softmax(logits.detach().to(dtype), dim=-1).cumsum_(dim=-1)  # in place: one (..., C) temporary
-    # u * total rather than u: the last cumulative sum is 1 only up to rounding
-    t = (u.to(dtype) * cdf[..., -1]).unsqueeze(-1)
+    # u * total rather than u, as the last cumulative sum is 1 only up to rounding; and strictly below the
+    # total, so that u = 1 (or a u that rounds to it) still lands on a class of nonzero probability
+    total = cdf[..., -1:]
+    t = torch.minimum(u.to(dtype).unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, t, right=True).squeeze(-1).clamp_max(logits.shape[-1] - 1)
 
 
