@@ -254,6 +254,70 @@ def test_the_sampled_label_uniforms_reach_the_forward_in_float32_under_bf16_fsdp
     assert "UNIFORM torch.float32" in proc.stdout, proc.stdout[-2000:]
 
 
+_NAN_ON_ONE_SHARD_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from sophia.lm import parallel
+from sophia.lm.config import resolve_config
+from sophia.lm.train import Trainer
+
+corpus, data_root, out = sys.argv[1:4]
+
+
+class NaNInOneShard(Trainer):
+    # after the backward of step 4, one entry of rank 1's own gradient shard turns NaN (the other rank's
+    # shards stay finite): only a collective decision can make every rank skip
+    def _grad_norm(self):
+        if self.counters["step"] == 3 and dist.get_rank() == 1:
+            for p in self.raw_model.parameters():
+                shard = parallel.local(p.grad)
+                if shard.numel():
+                    shard.view(-1)[0] = float("nan")
+                    break
+        return super()._grad_norm()
+
+
+cfg = resolve_config("tiny", "sophiag", {
+    "max_steps": 6, "corpus": corpus, "data_root": data_root, "n_layer": 2, "n_head": 2, "n_embd": 16,
+    "block_size": 16, "batch_size": 4, "grad_accum": 4, "eval_batches": 2, "warmup_steps": 2, "log_every": 1,
+    "progress": False, "hessian_interval": 5, "checkpoint_every": 100, "parallel": "fsdp"})
+cfg.out_dir = out
+t = NaNInOneShard(cfg, log=lambda m: None)
+t.setup()
+
+
+def everything():  # the whole weights and optimizer state (collectives, in the same order on every rank)
+    out = [parallel.full(p.detach()).clone() for p in t.raw_model.parameters()]
+    for st in t.opt.state.values():
+        out += [parallel.full(v).clone() for v in st.values() if torch.is_tensor(v)]
+    return out
+
+
+steps = [t.train_step(i)[2] for i in range(3)]
+before = everything()
+skipped = t.train_step(3)[2]
+same = all(torch.equal(a, b) for a, b in zip(before, everything()))
+after = t.train_step(4)[2]
+finite = all(torch.isfinite(x).all() for x in everything())
+print(f"RANK {dist.get_rank()} early={steps} skipped={skipped} same={same} next={after} finite={finite}", flush=True)
+t.dist.close()
+"""
+
+
+def test_a_non_finite_gradient_in_one_shard_is_skipped_by_every_rank(corpus, tmp_path):
+    """Under FSDP each rank holds its own gradient shard: a NaN in one rank's shard must make every rank skip the
+    step (weights and Sophia-G's state unchanged everywhere), and the next step proceeds. 2 ranks, torchrun."""
+    script = tmp_path / "nan_shard.py"
+    script.write_text(_NAN_ON_ONE_SHARD_SCRIPT)
+    assert main(["data", "prepare", str(corpus), "--tokenizer", "byte", "--data-root", str(tmp_path / "data")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(corpus), str(tmp_path / "data"), str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, _why(proc)
+    for rank in (0, 1):
+        want = f"RANK {rank} early=[False, False, False] skipped=True same=True next=False finite=True"
+        assert want in proc.stdout, proc.stdout[-2000:] + _why(proc)
+
+
 def test_bad_combinations_are_refused(corpus, tmp_path, capsys):
     for optimizer in ("adahessian", "muon"):
         capsys.readouterr()
