@@ -1,7 +1,8 @@
 """``sophia train --parallel fsdp`` (FSDP2) on 2 CPU ranks over gloo, through real torchrun: the same losses as
 DDP on the same seed (AdamW, Sophia-G with its refreshes, Sophia-H with its Hutchinson estimates), sharded DCP
 checkpoints that resume exactly after a SIGKILL and are never picked half-written, `sophia sample` on them, a
-one-process FSDP run, the gpt2-xl preset and the per-device memory plan."""
+one-process FSDP run, a NaN in one rank's gradient shard skipped by every rank, the gpt2-xl preset and the
+per-device memory plan."""
 
 from __future__ import annotations
 
