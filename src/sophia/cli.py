@@ -197,7 +197,9 @@ def _grids(items: list[str]) -> dict[str, list[float]] | None:
 def _exit_rank(rc: int) -> None:
     """A torchrun rank whose run is over (checkpoints fsynced, logs flushed) leaves at once. Letting the
     interpreter tear down torch.distributed's C++ objects sometimes aborted a gloo rank after a completed run
-    ("terminate called without an active exception", SIGABRT), which torchrun reports as a failed job."""
+    ("terminate called without an active exception", SIGABRT), which torchrun reports as a failed job. A likely
+    cause, reported upstream (pytorch/pytorch#179291, 2026): gloo's worker threads may still hold work objects
+    whose tensors are freed during interpreter finalization, when taking the GIL aborts the process."""
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
