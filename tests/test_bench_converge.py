@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from sophia.bench.converge import Setting, Sweep, analyse, build_spec, crossing, mean_curve
 from sophia.cli import main
@@ -244,3 +245,54 @@ def test_a_sweep_may_grow_by_optimizers_but_not_change_the_old_ones():
         == ["lrs"]
     assert "optimizers" in spec_conflicts(saved, _spec(["adamw"], {"adamw": [4e-3, 8e-3]}))
     assert "optimizers" in spec_conflicts(grown, saved)  # dropping one is not continuing
+
+
+def test_cuda_sweeps_hand_each_run_a_gpu_in_turn_and_record_the_device(tmp_path):
+    """Without GPUs: the command trains on the sweep's device, a CUDA sweep's runs get one visible GPU each
+    (jobs beyond the GPUs share them, a finished run's GPU goes to the next), and the device is part of the
+    sweep, so a CPU sweep is not continued on a GPU; a CPU sweep's spec is as it was before devices existed."""
+    import sys
+    import threading
+
+    from sophia.bench.converge import spec_conflicts
+
+    cpu = _spec(["adamw"], {"adamw": [4e-3, 8e-3]})
+    assert "device" not in cpu  # older CPU sweeps continue unchanged
+    cmd = Sweep(tmp_path, cpu, jobs=1).command(Setting("adamw", 4e-3, None, 0), resume=False)
+    assert cmd[cmd.index("--device") + 1] == "cpu"
+    resumed = Sweep(tmp_path, cpu, jobs=1).command(Setting("adamw", 4e-3, None, 0), resume=True)
+    assert resumed[resumed.index("--device") + 1] == "cpu"
+    cuda = {**cpu, "device": "cuda"}
+    assert spec_conflicts(cpu, cuda) == ["device"]
+    sweep = Sweep(tmp_path, cuda, jobs=3, gpus=["4", "6"])
+    cmd = sweep.command(Setting("adamw", 4e-3, None, 0), resume=False)
+    assert cmd[cmd.index("--device") + 1] == "cuda"
+    # three runs at once over two GPUs: 4, 6, then 4 again; each run's own process (a stand-in for `sophia
+    # train` that reports what it sees and holds its GPU for a second) sees only the GPU it was handed
+    probe = "import os, time; print('GPU', os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(1)"
+    sweep.command = lambda s, resume: [sys.executable, "-c", probe]
+    settings = [Setting("adamw", lr, None, 0) for lr in (1e-3, 2e-3, 4e-3)]
+    threads = [threading.Thread(target=sweep.execute, args=(s,)) for s in settings]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seen = [(sweep.run_dir(s) / "log.txt").read_text().split()[1] for s in settings]
+    assert sorted(seen) == ["4", "4", "6"]
+    assert sorted(sweep._slots.get() for _ in range(3)) == ["4", "4", "6"]  # every GPU handed back
+
+
+def test_other_presets_start_from_their_own_lr_and_cuda_is_refused_without_a_gpu(tmp_path, capsys):
+    from sophia.bench.converge import build_spec
+    from sophia.lm.config import resolve_config
+
+    spec = build_spec("small", ["adamw", "sophiag"], 10, 1, None, [0.05], 5, 1, "data", 1, False)
+    for opt in ("adamw", "sophiag"):
+        lr = resolve_config("small", opt).lr
+        assert spec["lrs"][opt] == pytest.approx([lr / 2, lr, 2 * lr])
+    tiny = build_spec("tiny", ["adamw"], 10, 1, None, [0.05], 5, 1, "data", 1, False)
+    assert tiny["lrs"]["adamw"] == [2e-3, 4e-3, 8e-3, 1.6e-2]
+    if not torch.cuda.is_available():
+        assert main(["bench", "converge", "--out-dir", str(tmp_path / "c"), "--quick", "--device", "cuda"]) == 1
+        assert "no CUDA device" in capsys.readouterr().err
+        assert not (tmp_path / "c").exists()  # refused before anything was written

@@ -268,11 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     cv.add_argument("--steps", type=int, default=400, help="training steps per run: the token budget (default 400)")
     cv.add_argument("--seeds", type=int, default=3, help="seeds at each optimizer's best setting (default 3)")
     cv.add_argument("--lrs", action="append", default=[], metavar="OPT=LR,LR,...",
-                    help="an optimizer's starting lr grid (repeatable); default: built-in grids for tiny")
+                    help="an optimizer's starting lr grid (repeatable); default: built-in grids for tiny, the "
+                         "preset's lr x 1/2, 1, 2 for other presets")
     cv.add_argument("--rhos", default=None, help="Sophia's rho grid (default 0.01,0.05,0.2)")
     cv.add_argument("--eval-every", type=int, default=25)
     cv.add_argument("--eval-batches", type=int, default=10)
-    cv.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
+    cv.add_argument("--jobs", type=int, default=None,
+                    help="runs at a time: on the CPU one thread each (default 2); on CUDA one GPU each, in turn "
+                         "(default: one per visible GPU)")
+    cv.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where the runs train (default cpu): cuda spreads them over the visible GPUs")
     cv.add_argument("--data-root", default="data")
     cv.add_argument("--quick", action="store_true", help="a one-layer model, 20 steps, AdamW and SophiaG")
     cv.add_argument("--qk-norm", action="store_true", help="every optimizer's model with QK-norm (train --qk-norm)")
@@ -344,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             converge_main(args.out_dir, preset=args.preset, optimizers=_csv(args.optimizers, str),
                           steps=args.steps, seeds=args.seeds, lrs=_grids(args.lrs), rhos=_csv(args.rhos, float),
                           eval_every=args.eval_every, eval_batches=args.eval_batches, data_root=args.data_root,
-                          jobs=args.jobs, quick=args.quick, command=command, qk_norm=args.qk_norm)
+                          jobs=args.jobs, quick=args.quick, command=command, qk_norm=args.qk_norm,
+                          device=args.device)
             return 0
         if args.command == "bench" and args.bench == "toy":
             from sophia.bench.toy import main as toy_main

@@ -15,7 +15,9 @@ its AdamW part (embeddings, norms, biases) keeps the preset's lr, recorded in th
 ``adamw_part_lr`` and passed as ``--lr`` with ``--min-lr`` a tenth of it. The Muon groups follow
 the same schedule at a fixed multiple, so the Muon lr too decays to a tenth.
 
-Each run is ``sophia train`` in its own process with one thread, ``jobs`` at a time. A run
+Each run is ``sophia train`` in its own process, ``jobs`` at a time: on the CPU with one thread
+each; with ``device="cuda"`` each run on one GPU of those visible (``CUDA_VISIBLE_DEVICES`` or all),
+handed out in turn, so that with one job per GPU the wall-clock is every run's own. A run
 whose ``result.json`` exists is never redone; an interrupted one resumes from its checkpoint.
 A diverged run counts as infinitely bad and is not retried. The report compares the best
 settings over seeds: final validation loss, and the steps, tokens, forward/backward passes
@@ -28,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -45,7 +48,8 @@ from sophia.lm.presets import QUICK_MODEL
 OPTIMIZER_ORDER = ("adamw", "lion", "muon", "adahessian", "sophiah", "sophiag")
 NAMES = {"adamw": "AdamW", "lion": "Lion", "muon": "Muon", "adahessian": "AdaHessian", "sophiah": "SophiaH",
          "sophiag": "SophiaG"}
-# Starting lr grids (factor 2 apart) for the tiny preset; the edge rule moves them where needed.
+# Starting lr grids (factor 2 apart) for the tiny preset; the edge rule moves them where needed. Other presets
+# start from their own lr for each optimizer, halved and doubled (PRESET_GRID).
 DEFAULT_LRS = {
     "adamw": (2e-3, 4e-3, 8e-3, 1.6e-2),
     "lion": (5e-4, 1e-3, 2e-3, 4e-3),
@@ -54,7 +58,9 @@ DEFAULT_LRS = {
     "sophiah": (2.5e-4, 5e-4, 1e-3, 2e-3),
     "sophiag": (2.5e-4, 5e-4, 1e-3, 2e-3),
 }
+PRESET_GRID = (0.5, 1.0, 2.0)
 DEFAULT_RHOS = (0.01, 0.05, 0.2)
+DEVICES = ("cpu", "cuda")
 SWEEP_FILE = "sweep.json"
 
 
@@ -78,8 +84,13 @@ def is_sophia(optimizer: str) -> bool:
 class Sweep:
     """Runs settings as subprocesses, at most ``jobs`` at a time, skipping finished ones."""
 
-    def __init__(self, out: Path, spec: dict[str, Any], jobs: int, log=print) -> None:
+    def __init__(self, out: Path, spec: dict[str, Any], jobs: int, log=print, gpus: list[str] | None = None) -> None:
         self.out, self.spec, self.jobs, self.log = out, spec, jobs, log
+        self.device = spec.get("device", "cpu")
+        # GPU slots: the visible GPUs in turn, one slot per job (so jobs beyond the GPUs share them)
+        self._slots: queue.SimpleQueue[str] = queue.SimpleQueue()
+        for i in range(jobs if self.device == "cuda" else 0):
+            self._slots.put((gpus or ["0"])[i % len(gpus or ["0"])])
         self.runs_dir = out / "runs"
         self.results: dict[Setting, dict[str, Any]] = {}
         self.chosen: dict[str, tuple[float, float | None]] = {}  # the pipeline's choice per optimizer
@@ -91,7 +102,8 @@ class Sweep:
 
     def command(self, s: Setting, resume: bool) -> list[str]:
         spec = self.spec
-        cmd = [sys.executable, "-m", "sophia", "train", "--out-dir", str(self.run_dir(s)), "--no-progress"]
+        cmd = [sys.executable, "-m", "sophia", "train", "--out-dir", str(self.run_dir(s)), "--no-progress",
+               "--device", self.device]
         if resume:
             return cmd + ["--resume", "--data-root", spec["data_root"]]
         if s.optimizer == "muon":  # the swept lr is Muon's; the AdamW part's is fixed (module docstring)
@@ -121,10 +133,18 @@ class Sweep:
             return json.loads(done.read_text())
         d.mkdir(parents=True, exist_ok=True)
         resume = has_checkpoint(d)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.log(f"run {s.name}" + (" (resuming)" if resume else ""))
-        with open(d / "log.txt", "a") as logf:
-            proc = subprocess.run(self.command(s, resume), stdout=logf, stderr=subprocess.STDOUT, env=env)
+        threads = "1" if self.device == "cpu" else str(max(1, (os.cpu_count() or 1) // self.jobs))
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+        gpu = self._slots.get() if self.device == "cuda" else None
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        self.log(f"run {s.name}" + (" (resuming)" if resume else "") + (f" on GPU {gpu}" if gpu is not None else ""))
+        try:
+            with open(d / "log.txt", "a") as logf:
+                proc = subprocess.run(self.command(s, resume), stdout=logf, stderr=subprocess.STDOUT, env=env)
+        finally:
+            if gpu is not None:
+                self._slots.put(gpu)
         events = read_metrics(d) if (d / "metrics.jsonl").exists() else []
         diverged = any(e.get("event") == "diverged" for e in events)
         if proc.returncode != 0 and not diverged:
@@ -332,13 +352,14 @@ def _band(runs: list[dict[str, Any]], key: str) -> tuple[list[float], list[float
     return xs, mean, lo, hi
 
 
-def plot(analysis: dict[str, Any], out: Path, title: str) -> list[str]:
+def plot(analysis: dict[str, Any], out: Path, title: str, device: str = "cpu") -> list[str]:
     from sophia.plotting import finish_axes, pyplot, save
 
+    per_run = "one GPU per run" if device == "cuda" else "one thread"
     plt = pyplot()
     files = []
     for key, label, fname in (("step", "step", "loss_vs_steps.png"),
-                              ("elapsed", "training wall-clock (s, one thread)", "loss_vs_time.png")):
+                              ("elapsed", f"training wall-clock (s, {per_run})", "loss_vs_time.png")):
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         for opt, d in analysis["optimizers"].items():
             xs, mean, lo, hi = _band(d["runs"], key)
@@ -374,6 +395,17 @@ def _fmt(x: float | None, spec: str) -> str:
     return "diverged" if not math.isfinite(x) else format(x, spec)
 
 
+def _machine_line(spec: dict[str, Any], m: dict[str, Any]) -> str:
+    if spec.get("device", "cpu") == "cuda":
+        return (f"Machine: {m.get('gpu', 'a CUDA GPU')} ({m.get('gpus', '?')} visible), {m['cpu']}, "
+                f"torch {m['torch']}; "
+                f"{spec['jobs']} runs at a time, each on one GPU (in turn). Wall-clock is training time only (no "
+                f"evaluation or checkpoints); it compares optimizers only where each run had its GPU to itself.")
+    return (f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; {spec['jobs']} runs at a time, one "
+            f"thread each. Wall-clock is training time only (no evaluation or checkpoints), taken while "
+            f"{spec['jobs']} runs shared the machine.")
+
+
 def report(result: dict[str, Any]) -> str:
     spec, a, m = result["spec"], result["analysis"], result["machine"]
     opts = a["optimizers"]
@@ -382,9 +414,7 @@ def report(result: dict[str, Any]) -> str:
     lines = [
         f"# Convergence: {', '.join(NAMES.get(o, o) for o in opts)} on `{spec['preset']}`, tuned alike", "",
         f"Command: `{result['command']}`", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; {spec['jobs']} runs at a time, one "
-        f"thread each. Wall-clock is training time only (no evaluation or checkpoints), taken while "
-        f"{spec['jobs']} runs shared the machine.", "",
+        _machine_line(spec, m), "",
         f"Budget: {spec['steps']} steps of {spec['tokens_per_step']:,} tokens ({tokens:,} tokens), warm-up "
         f"{spec['warmup_steps']} steps then cosine to lr/10, the preset's other settings for each optimizer; "
         f"validation loss on {spec['eval_batches']} fixed batches every {spec['eval_every']} steps."
@@ -470,7 +500,7 @@ def report(result: dict[str, Any]) -> str:
 # -- entry point ---------------------------------------------------------------------------------
 def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: dict[str, list[float]] | None,
                rhos: list[float], eval_every: int, eval_batches: int, data_root: str, jobs: int, quick: bool,
-               max_extend: int = 2, qk_norm: bool = False) -> dict[str, Any]:
+               max_extend: int = 2, qk_norm: bool = False, device: str = "cpu") -> dict[str, Any]:
     model = dict(QUICK_MODEL) if quick else {}
     if qk_norm:  # every optimizer gets it: fairness
         model["qk_norm"] = True
@@ -483,7 +513,7 @@ def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: 
         cfg = resolve_config(preset, opt, {**model, "max_steps": steps, "warmup_steps": warmup})
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
         warmup_steps = cfg.warmup_steps
-        grid = (lrs or {}).get(opt) or list(DEFAULT_LRS[opt])
+        grid = (lrs or {}).get(opt) or _default_grid(preset, opt, cfg)
         if len(grid) < 2 and not quick:
             raise TrainError(f"the lr grid of {opt} needs at least 2 values")
         grids[opt] = sorted({float(f"{float(x):.6g}") for x in grid})  # no two runs in one folder
@@ -492,12 +522,37 @@ def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: 
         if opt == "muon":
             adamw_part_lr = {"muon": cfg.lr}
     extra = {"adamw_part_lr": adamw_part_lr} if "muon" in optimizers else {}  # older sweeps' specs stay equal
+    if device != "cpu":  # likewise: a CPU sweep's spec has no device (the numbers differ across devices)
+        extra["device"] = device
     return {**extra, "preset": preset, "optimizers": optimizers, "steps": steps, "seeds": seeds, "lrs": grids,
             "rhos": sorted({float(f"{float(r):.6g}") for r in rhos}), "default_rho": default_rho,
             "eval_every": eval_every,
             "eval_batches": eval_batches, "checkpoint_every": max(eval_every, steps // 4),
             "warmup_steps": warmup_steps, "tokens_per_step": tokens_per_step, "model": model,
             "data_root": data_root, "jobs": jobs, "max_extend": max_extend}
+
+
+def _default_grid(preset: str, opt: str, cfg) -> list[float]:
+    """tiny: the built-in grid; another preset: its own lr for the optimizer (Muon's: its Muon lr), halved and
+    doubled, for the edge rule to move."""
+    if preset == "tiny":
+        return list(DEFAULT_LRS[opt])
+    from sophia.lm.optimizers import DEFAULT_MUON_LR
+
+    base = (cfg.muon_lr or DEFAULT_MUON_LR) if opt == "muon" else cfg.lr
+    return [base * f for f in PRESET_GRID]
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs a CUDA sweep hands its runs to: the entries of CUDA_VISIBLE_DEVICES where it is set, else
+    0 .. device_count - 1."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TrainError("bench converge --device cuda: no CUDA device is visible (use --device cpu)")
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [x.strip() for x in env.split(",") if x.strip()] if env else []
+    return ids[: torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
 
 
 # Settings that may differ when an interrupted sweep is continued (they do not change any run).
@@ -529,8 +584,14 @@ def spec_conflicts(saved: dict[str, Any], spec: dict[str, Any]) -> list[str]:
 
 def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = None, steps: int = 400,
          seeds: int = 3, lrs: dict[str, list[float]] | None = None, rhos: list[float] | None = None,
-         eval_every: int = 25, eval_batches: int = 10, data_root: str = "data", jobs: int = 2,
-         quick: bool = False, command: str = "sophia bench converge", qk_norm: bool = False) -> dict[str, Any]:
+         eval_every: int = 25, eval_batches: int = 10, data_root: str = "data", jobs: int | None = None,
+         quick: bool = False, command: str = "sophia bench converge", qk_norm: bool = False,
+         device: str = "cpu") -> dict[str, Any]:
+    if device not in DEVICES:
+        raise TrainError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    gpus = visible_gpus() if device == "cuda" else None
+    if jobs is None:
+        jobs = len(gpus) if gpus else 2
     if quick:
         optimizers = optimizers or ["adamw", "sophiag"]
         steps, seeds, eval_every, eval_batches = 20, 2, 5, 2
@@ -541,7 +602,7 @@ def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = N
     if steps < 1 or seeds < 1 or jobs < 1 or eval_every < 1 or eval_batches < 1:
         raise TrainError("--steps, --seeds, --jobs, --eval-every and --eval-batches must be >= 1")
     spec = build_spec(preset, optimizers, steps, seeds, lrs, rhos or list(DEFAULT_RHOS), eval_every, eval_batches,
-                      data_root, jobs, quick, max_extend=0 if quick else 2, qk_norm=qk_norm)
+                      data_root, jobs, quick, max_extend=0 if quick else 2, qk_norm=qk_norm, device=device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     saved_path = out / SWEEP_FILE
@@ -553,11 +614,12 @@ def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = N
                              f"with the same options (more optimizers may be added: list the sweep's "
                              f"{','.join(saved.get('optimizers', []))} too) or choose another --out-dir")
     saved_path.write_text(json.dumps(spec, indent=2) + "\n")
-    sweep = Sweep(out, spec, jobs, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    sweep = Sweep(out, spec, jobs, log=lambda msg: print(msg, file=sys.stderr, flush=True), gpus=gpus)
     sweep.plan()
-    result = {"command": command, "machine": machine_info(),
-              "spec": spec, "analysis": analyse(sweep)}
-    result["plots"] = plot(result["analysis"], out, f"{preset}: validation loss at each optimizer's best setting")
+    machine = {**machine_info(), **({"gpus": len(gpus)} if gpus else {})}
+    result = {"command": command, "machine": machine, "spec": spec, "analysis": analyse(sweep)}
+    result["plots"] = plot(result["analysis"], out, f"{preset}: validation loss at each optimizer's best setting",
+                           device)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     text = report(result)
     (out / "report.md").write_text(text)
