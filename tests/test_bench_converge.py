@@ -252,7 +252,7 @@ def test_cuda_sweeps_hand_each_run_a_gpu_in_turn_and_record_the_device(tmp_path)
     (jobs beyond the GPUs share them, a finished run's GPU goes to the next), and the device is part of the
     sweep, so a CPU sweep is not continued on a GPU; a CPU sweep's spec is as it was before devices existed."""
     import sys
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from sophia.bench.converge import spec_conflicts
 
@@ -267,19 +267,25 @@ def test_cuda_sweeps_hand_each_run_a_gpu_in_turn_and_record_the_device(tmp_path)
     sweep = Sweep(tmp_path, cuda, jobs=3, gpus=["4", "6"])
     cmd = sweep.command(Setting("adamw", 4e-3, None, 0), resume=False)
     assert cmd[cmd.index("--device") + 1] == "cuda"
-    # three runs at once over two GPUs: 4, 6, then 4 again; each run's own process (a stand-in for `sophia
-    # train` that reports what it sees and holds its GPU for a second) sees only the GPU it was handed
-    probe = "import os, time; print('GPU', os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(1)"
-    sweep.command = lambda s, resume: [sys.executable, "-c", probe]
-    settings = [Setting("adamw", lr, None, 0) for lr in (1e-3, 2e-3, 4e-3)]
-    threads = [threading.Thread(target=sweep.execute, args=(s,)) for s in settings]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seen = [(sweep.run_dir(s) / "log.txt").read_text().split()[1] for s in settings]
-    assert sorted(seen) == ["4", "4", "6"]
-    assert sorted(sweep._slots.get() for _ in range(3)) == ["4", "4", "6"]  # every GPU handed back
+    # each run's own process (a stand-in for `sophia train` that reports the GPU it sees and holds it for a
+    # moment) sees only the GPU it was handed: three at once over two GPUs give 4, 6 and 4 again; then, with
+    # two jobs, five runs through a two-worker pool reuse the GPUs that finished runs gave back
+    probe = "import os, time; print('GPU', os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(0.5)"
+
+    def run_all(sweep, settings, workers):
+        sweep.command = lambda s, resume: [sys.executable, "-c", probe]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(sweep.execute, settings))
+        return [(sweep.run_dir(s) / "log.txt").read_text().split()[1] for s in settings]
+
+    three = [Setting("adamw", lr, None, 0) for lr in (1e-3, 2e-3, 4e-3)]
+    assert sorted(run_all(sweep, three, 3)) == ["4", "4", "6"]
+    two = Sweep(tmp_path / "two", cuda, jobs=2, gpus=["4", "6"])
+    five = [Setting("adamw", lr, None, 1) for lr in (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)]
+    assert sorted(set(run_all(two, five, 2))) == ["4", "6"]
+    for sw, n in ((sweep, 3), (two, 2)):  # every slot handed back, none twice
+        assert sorted(sw._slots.get(timeout=1) for _ in range(n)) == (["4", "4", "6"] if n == 3 else ["4", "6"])
+        assert sw._slots.empty()
 
 
 def test_other_presets_start_from_their_own_lr_and_cuda_is_refused_without_a_gpu(tmp_path, capsys):

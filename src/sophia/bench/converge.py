@@ -133,13 +133,15 @@ class Sweep:
             return json.loads(done.read_text())
         d.mkdir(parents=True, exist_ok=True)
         resume = has_checkpoint(d)
-        threads = "1" if self.device == "cpu" else str(max(1, (os.cpu_count() or 1) // self.jobs))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = "1" if self.device == "cpu" else str(max(1, cores // self.jobs))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
         gpu = self._slots.get() if self.device == "cuda" else None
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpu
-        self.log(f"run {s.name}" + (" (resuming)" if resume else "") + (f" on GPU {gpu}" if gpu is not None else ""))
-        try:
+        try:  # the slot goes back whatever happens from here
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            self.log(f"run {s.name}" + (" (resuming)" if resume else "")
+                     + (f" on GPU {gpu}" if gpu is not None else ""))
             with open(d / "log.txt", "a") as logf:
                 proc = subprocess.run(self.command(s, resume), stdout=logf, stderr=subprocess.STDOUT, env=env)
         finally:
@@ -397,10 +399,12 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def _machine_line(spec: dict[str, Any], m: dict[str, Any]) -> str:
     if spec.get("device", "cpu") == "cuda":
-        return (f"Machine: {m.get('gpu', 'a CUDA GPU')} ({m.get('gpus', '?')} visible), {m['cpu']}, "
-                f"torch {m['torch']}; "
-                f"{spec['jobs']} runs at a time, each on one GPU (in turn). Wall-clock is training time only (no "
-                f"evaluation or checkpoints); it compares optimizers only where each run had its GPU to itself.")
+        gpus = m.get("gpus", 1)
+        share = ("each run had its GPU to itself" if spec["jobs"] <= gpus else
+                 "runs shared GPUs, so it is rough")
+        return (f"Machine: {m.get('gpu', 'a CUDA GPU')} (the first of {gpus} visible), {m['cpu']}, "
+                f"torch {m['torch']}; {spec['jobs']} runs at a time over {gpus} GPU(s), each run on one. Wall-clock "
+                f"is training time only (no evaluation or checkpoints); {share}.")
     return (f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; {spec['jobs']} runs at a time, one "
             f"thread each. Wall-clock is training time only (no evaluation or checkpoints), taken while "
             f"{spec['jobs']} runs shared the machine.")
