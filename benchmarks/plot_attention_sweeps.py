@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from sophia.bench.converge import Setting
 from sophia.lm.checkpoint import read_metrics
 from sophia.plotting import finish_axes, pyplot, save
 
@@ -27,8 +28,8 @@ def series(sweep: Path, optimizers: list[str]) -> dict[str, list[dict]]:
             continue
         runs = []
         for r in analysis[opt]["runs"]:
-            name = f"{opt}-lr{r['lr']:g}" + (f"-rho{r['rho']:g}" if r["rho"] is not None else "") + f"-s{r['seed']}"
-            evals = [e for e in read_metrics(sweep / "runs" / name) if e.get("event") == "eval" and "attn_entropy" in e]
+            run = sweep / "runs" / Setting(opt, r["lr"], r["rho"], r["seed"]).name
+            evals = [e for e in read_metrics(run) if e.get("event") == "eval" and "attn_entropy" in e]
             runs.append({"seed": r["seed"], "lr": r["lr"], "rho": r["rho"], "steps": [e["step"] for e in evals],
                          "entropy": [min(e["attn_entropy"]) for e in evals],
                          "logit": [max(e["attn_max_logit"]) for e in evals]})

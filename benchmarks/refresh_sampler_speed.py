@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from sophia.lm.config import resolve_config
 from sophia.lm.model import GPT, GPTConfig
+from sophia.lm.train import _vocab_guess
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = resolve_config(a.preset, "sophiag")
-    vocab = {"byte": 256}.get(cfg.tokenizer, int(cfg.tokenizer.split(":")[1]) if ":" in cfg.tokenizer else 50257)
+    vocab = _vocab_guess(cfg.tokenizer)
     model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
                           n_embd=cfg.n_embd, bias=cfg.bias))
     x = torch.randint(0, vocab, (cfg.batch_size, cfg.block_size))

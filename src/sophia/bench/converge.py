@@ -77,6 +77,10 @@ class Setting:
         return f"{self.optimizer}-lr{self.lr:g}{rho}-s{self.seed}"
 
 
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def is_sophia(optimizer: str) -> bool:
     return optimizer.startswith("sophia")
 
@@ -89,8 +93,9 @@ class Sweep:
         self.device = spec.get("device", "cpu")
         # GPU slots: the visible GPUs in turn, one slot per job (so jobs beyond the GPUs share them)
         self._slots: queue.SimpleQueue[str] = queue.SimpleQueue()
+        pool = gpus or ["0"]
         for i in range(jobs if self.device == "cuda" else 0):
-            self._slots.put((gpus or ["0"])[i % len(gpus or ["0"])])
+            self._slots.put(pool[i % len(pool)])
         self.runs_dir = out / "runs"
         self.results: dict[Setting, dict[str, Any]] = {}
         self.chosen: dict[str, tuple[float, float | None]] = {}  # the pipeline's choice per optimizer
@@ -133,8 +138,7 @@ class Sweep:
             return json.loads(done.read_text())
         d.mkdir(parents=True, exist_ok=True)
         resume = has_checkpoint(d)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = "1" if self.device == "cpu" else str(max(1, cores // self.jobs))
+        threads = "1" if self.device == "cpu" else str(max(1, _usable_cores() // self.jobs))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
         gpu = self._slots.get() if self.device == "cuda" else None
         try:  # the slot goes back whatever happens from here
