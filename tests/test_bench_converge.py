@@ -302,3 +302,16 @@ def test_other_presets_start_from_their_own_lr_and_cuda_is_refused_without_a_gpu
         assert main(["bench", "converge", "--out-dir", str(tmp_path / "c"), "--quick", "--device", "cuda"]) == 1
         assert "no CUDA device" in capsys.readouterr().err
         assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+def test_a_quick_gpu_sweep_does_not_compile_its_runs(tmp_path):
+    """--quick is a smoke test of seconds: on a GPU its 20-step runs skip torch.compile, which would cost more than
+    the run; a full GPU sweep keeps the harness's default (compiled), and CPU runs are unchanged."""
+    quick_gpu = build_spec("tiny", ["adamw"], 20, 1, None, [0.05], 5, 1, "data", 1, True, device="cuda")
+    full_gpu = build_spec("tiny", ["adamw"], 20, 1, None, [0.05], 5, 1, "data", 1, False, device="cuda")
+    quick_cpu = build_spec("tiny", ["adamw"], 20, 1, None, [0.05], 5, 1, "data", 1, True)
+    cmd = Sweep(tmp_path / "q", quick_gpu, jobs=1).command(Setting("adamw", 4e-3, None, 0), resume=False)
+    assert "--no-compile" in cmd and "--compile" not in cmd
+    for spec in (full_gpu, quick_cpu):
+        cmd = Sweep(tmp_path / "f", spec, jobs=1).command(Setting("adamw", 4e-3, None, 0), resume=False)
+        assert not any(c.endswith("compile") for c in cmd)

@@ -3,10 +3,10 @@
 #   1. `sophia train` throughput (tokens/s and MFU after warm-up) for AdamW, SophiaG (whole and 1/4
 #      Hessian batch) and SophiaH on gpt2-small, and each speed feature switched off once;
 #   2. the memory estimate against torch.cuda.max_memory_allocated for gpt2-small and gpt2-medium;
-#   3. the CUDA tests (tests/gpu).
-# Prepare here with `bash benchmarks/gpu/prepare_devsite.sh` (the GPT-2-tokenized data and the pure-Python
-# packages the GPU image lacks), then run from the repository root on the CUDA machine, carrying
-# data/shakespeare-gpt2 and .devsite. ONLY=0,1,... picks throughput configurations (harness_throughput.py's
+#   3. the CUDA tests (tests/gpu; about 2 min, plus about 1 min for the converge sweep on the GPU).
+# Prepare here with `bash benchmarks/gpu/prepare_devsite.sh` (the GPT-2- and byte-tokenized data and the
+# pure-Python packages the GPU image lacks), then run from the repository root on the CUDA machine, carrying
+# data/shakespeare-gpt2, data/shakespeare-byte and .devsite. ONLY=0,1,... picks throughput configurations (harness_throughput.py's
 # CONFIGS, default all); SECTIONS=throughput,memory,tests picks the sections (default all, in that order), so
 # that one call stays under the device's 10 minutes. Outputs go to $OUT (default gpu-out); commit them under
 # benchmarks/results/gpu-h200/.
@@ -41,6 +41,6 @@ fi
 
 if want tests; then
 say "CUDA tests"
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$OUT/tests.txt" | tee -a "$LOG"
+timeout 330 $PY -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$OUT/tests.txt" | tee -a "$LOG"
 fi
 say done

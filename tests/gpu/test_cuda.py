@@ -222,3 +222,33 @@ def test_fsdp_harness_on_one_cuda_rank_trains_and_resumes(tmp_path):
     summary = [e for e in events if e["event"] == "summary"][-1]
     assert summary["steps"] == 40 and summary["hessian_updates"] == 8 and math.isfinite(evals[-1])
     assert evals[-1] < evals[0] - 1.0
+
+
+def test_converge_sweep_on_cuda_hands_each_run_the_gpu(tmp_path):
+    """`sophia bench converge --device cuda --quick` through the real CLI: every run is a `sophia train` on the
+    GPU it was handed (uncompiled, as --quick wants), and the report names the GPUs. Needs the prepared tiny corpus
+    (carry data/shakespeare-byte; the machine has no network to prepare it)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not Path("data/shakespeare-byte/meta.json").exists():
+        pytest.skip("data/shakespeare-byte is not prepared here (carry it to the GPU machine)")
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "sophia", "bench", "converge", "--device", "cuda", "--quick", "--out-dir", str(out),
+           "--optimizers", "adamw,sophiag", "--lrs", "adamw=0.004", "--lrs", "sophiag=0.001", "--rhos", "0.05",
+           "--data-root", "data"]
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["spec"]["device"] == "cuda" and result["machine"]["gpus"] == torch.cuda.device_count()
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 6  # per optimizer: the one setting at seed 0, then 2 fresh seeds
+    for run in runs:
+        start = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        assert start["device"].startswith("cuda") and start["config"]["compile"] is False
+        assert math.isfinite(json.loads((run / "result.json").read_text())["final_val_loss"])
+    assert "GPU" in (out / "report.md").read_text()

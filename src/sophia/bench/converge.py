@@ -510,6 +510,8 @@ def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: 
                rhos: list[float], eval_every: int, eval_batches: int, data_root: str, jobs: int, quick: bool,
                max_extend: int = 2, qk_norm: bool = False, device: str = "cpu") -> dict[str, Any]:
     model = dict(QUICK_MODEL) if quick else {}
+    if quick and device != "cpu":  # a smoke test: compiling each 20-step run would cost more than the run
+        model["compile"] = False
     if qk_norm:  # every optimizer gets it: fairness
         model["qk_norm"] = True
     warmup = max(1, steps // 10) if quick else None
