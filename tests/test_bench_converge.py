@@ -315,3 +315,30 @@ def test_a_quick_gpu_sweep_does_not_compile_its_runs(tmp_path):
     for spec in (full_gpu, quick_cpu):
         cmd = Sweep(tmp_path / "f", spec, jobs=1).command(Setting("adamw", 4e-3, None, 0), resume=False)
         assert not any(c.endswith("compile") for c in cmd)
+
+
+def test_muon_ns_dtype_reaches_only_muons_runs_and_is_part_of_the_sweep(tmp_path):
+    from sophia.bench.converge import report, spec_conflicts
+    from sophia.lm.config import TrainError
+
+    plain = _spec(["adamw", "muon"], {"adamw": [4e-3, 8e-3], "muon": [0.01, 0.02]})
+    assert "muon_ns_dtype" not in plain  # torch's bfloat16: older sweeps continue unchanged
+    f32 = build_spec("tiny", ["adamw", "muon"], 20, 3, {"adamw": [4e-3, 8e-3], "muon": [0.01, 0.02]},
+                     [0.01, 0.05, 0.2], 5, 2, "data", 2, quick=True, muon_ns_dtype="float32")
+    assert f32["muon_ns_dtype"] == "float32"
+    sweep = Sweep(tmp_path, f32, jobs=1)
+    muon = sweep.command(Setting("muon", 0.02, None, 1), resume=False)
+    assert muon[muon.index("--muon-ns-dtype") + 1] == "float32"
+    assert "--muon-ns-dtype" not in sweep.command(Setting("adamw", 4e-3, None, 1), resume=False)
+    assert "--muon-ns-dtype" not in Sweep(tmp_path, plain, jobs=1).command(Setting("muon", 0.02, None, 1), False)
+    assert spec_conflicts(plain, f32) == ["muon_ns_dtype"] and spec_conflicts(f32, plain) == ["muon_ns_dtype"]
+    assert "muon_ns_dtype" not in build_spec("tiny", ["adamw"], 20, 3, {"adamw": [4e-3, 8e-3]}, [0.05], 5, 2,
+                                             "data", 2, quick=True, muon_ns_dtype="float32")
+    with pytest.raises(TrainError, match="--muon-ns-dtype must be bfloat16 or float32"):
+        build_spec("tiny", ["muon"], 20, 3, None, [0.05], 5, 2, "data", 2, quick=True, muon_ns_dtype="fp8")
+    machine = {"cpu": "c", "cores": 2, "torch": "t"}
+    for spec, said in ((f32, True), (plain, False)):
+        fake = FakeSweep(spec, best_lr=1e-2)
+        fake.plan()
+        text = report({"spec": spec, "analysis": analyse(fake), "command": "x", "machine": machine})
+        assert ("Muon's Newton-Schulz iteration in float32" in text) == said

@@ -18,6 +18,8 @@ _HELP = {
     "grad_accum": "micro-batches per step over all ranks", "batch_size": "sequences per micro-batch",
     "lr_decay_steps": "end of the cosine decay (None: --max-steps)", "rho": "Sophia's clipping threshold",
     "muon_lr": "muon: the lr of the hidden matrices (--lr is the AdamW part's: embeddings, norms, biases)",
+    "muon_ns_dtype": "muon: the Newton-Schulz iteration's dtype, bfloat16 (torch's) or float32 (faster on a CPU "
+                     "without native bfloat16 matmuls, e.g. AVX2 only)",
     "hessian_interval": "k: steps between Hessian refreshes (Sophia, AdaHessian)",
     "hessian_batch_fraction": "fraction of the batch used for the Hessian estimate",
     "dtype": "auto (bf16 autocast on CUDA), float32 or bfloat16", "device": "auto, cpu or cuda[:N]",
@@ -129,7 +131,8 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
 
 # Settings only some optimizers read; given explicitly to another, they are said to do nothing.
 _USED_BY = {"rho": ("sophiag", "sophiah"), "hessian_interval": ("sophiag", "sophiah", "adahessian"),
-            "hessian_batch_fraction": ("sophiag", "sophiah"), "muon_lr": ("muon",)}
+            "hessian_batch_fraction": ("sophiag", "sophiah"), "muon_lr": ("muon",),
+            "muon_ns_dtype": ("muon",)}
 
 
 def _unused_settings(optimizer: str, overrides: dict) -> list[str]:
@@ -281,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     cv.add_argument("--data-root", default="data")
     cv.add_argument("--quick", action="store_true", help="a one-layer model, 20 steps, AdamW and SophiaG")
     cv.add_argument("--qk-norm", action="store_true", help="every optimizer's model with QK-norm (train --qk-norm)")
+    cv.add_argument("--muon-ns-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="Muon's Newton-Schulz iteration (train --muon-ns-dtype; default torch's bfloat16): float32 "
+                         "on a CPU without native bfloat16 matmuls")
 
     toy = bench.add_parser("toy", help="GD, Adam, SignGD, Newton and SophiaG on small problems with exact curvature")
     toy.add_argument("--out-dir", required=True)
@@ -350,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                           steps=args.steps, seeds=args.seeds, lrs=_grids(args.lrs), rhos=_csv(args.rhos, float),
                           eval_every=args.eval_every, eval_batches=args.eval_batches, data_root=args.data_root,
                           jobs=args.jobs, quick=args.quick, command=command, qk_norm=args.qk_norm,
-                          device=args.device)
+                          device=args.device, muon_ns_dtype=args.muon_ns_dtype)
             return 0
         if args.command == "bench" and args.bench == "toy":
             from sophia.bench.toy import main as toy_main

@@ -257,3 +257,38 @@ def test_ns_dtype_is_passed_on_and_the_momentum_buffer_is_not_overwritten():
     assert torch.allclose(w.detach().double(), want, atol=1e-5)
     with pytest.raises(ValueError, match="ns_dtype"):
         Muon([w], ns_dtype=torch.int32)
+
+
+def test_cpu_bf16_support_is_read_from_the_cpu_flags(tmp_path):
+    from sophia.lm.muon import cpu_has_native_bf16
+
+    cases = {"avx2": ("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n", False),
+             "zen4": ("flags\t\t: fpu avx2 avx512f avx512_bf16\nflags\t\t: fpu\n", True),
+             "sapphire": ("flags\t\t: avx512f amx_bf16 amx_tile\n", True),
+             "arm": ("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n", True),
+             "no-flags": ("processor\t: 0\nmodel name\t: something\n", None)}
+    for name, (text, want) in cases.items():
+        (tmp_path / name).write_text(text)
+        assert cpu_has_native_bf16(str(tmp_path / name)) is want, name
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is None
+
+
+def test_train_muon_ns_dtype_reaches_the_iteration_and_is_kept_on_resume(corpus, tmp_path, capsys):
+    from sophia.lm.muon import cpu_has_native_bf16
+
+    assert main(_args(corpus, tmp_path, "bf16", 1, "--checkpoint-every", "1")) == 0
+    err = capsys.readouterr().err
+    assert ("no native bfloat16 matmuls" in err) == (cpu_has_native_bf16() is False)
+    assert main(_args(corpus, tmp_path, "fp32", 1, "--checkpoint-every", "1", "--muon-ns-dtype", "float32")) == 0
+    assert "no native bfloat16 matmuls" not in capsys.readouterr().err
+    a, b = (torch.load(list_checkpoints(tmp_path / r)[0], weights_only=True) for r in ("bf16", "fp32"))
+    assert a["config"]["muon_ns_dtype"] == "bfloat16" and b["config"]["muon_ns_dtype"] == "float32"
+    hidden = _hidden_names(GPT(GPTConfig(**a["model_config"])))
+    # one step: the AdamW part saw the same gradients; Muon's matrices got iterations in different dtypes
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if k not in hidden)
+    assert any(not torch.equal(a["model"][k], b["model"][k]) for k in hidden)
+    assert main(["train", "--out-dir", str(tmp_path / "fp32"), "--resume", "--max-steps", "2", "--no-progress"]) == 0
+    assert torch.load(list_checkpoints(tmp_path / "fp32")[0], weights_only=True)["config"]["muon_ns_dtype"] \
+        == "float32"
+    with pytest.raises(TrainError, match="--muon-ns-dtype must be bfloat16 or float32"):
+        resolve_config("tiny", "muon", {"muon_ns_dtype": "float16"})

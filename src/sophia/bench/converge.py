@@ -114,6 +114,8 @@ class Sweep:
         if s.optimizer == "muon":  # the swept lr is Muon's; the AdamW part's is fixed (module docstring)
             lr = spec["adamw_part_lr"]["muon"]
             lrs = ["--muon-lr", repr(s.lr), "--lr", repr(lr), "--min-lr", repr(lr / 10)]
+            if "muon_ns_dtype" in spec:
+                lrs += ["--muon-ns-dtype", spec["muon_ns_dtype"]]
         else:
             lrs = ["--lr", repr(s.lr), "--min-lr", repr(s.lr / 10)]
         cmd += ["--preset", spec["preset"], "--optimizer", s.optimizer, *lrs, "--seed", str(s.seed),
@@ -426,7 +428,9 @@ def report(result: dict[str, Any]) -> str:
         f"Budget: {spec['steps']} steps of {spec['tokens_per_step']:,} tokens ({tokens:,} tokens), warm-up "
         f"{spec['warmup_steps']} steps then cosine to lr/10, the preset's other settings for each optimizer; "
         f"validation loss on {spec['eval_batches']} fixed batches every {spec['eval_every']} steps."
-        + (" Every optimizer's model has QK-norm (`--qk-norm`)." if spec["model"].get("qk_norm") else ""), "",
+        + (" Every optimizer's model has QK-norm (`--qk-norm`)." if spec["model"].get("qk_norm") else "")
+        + (f" Muon's Newton-Schulz iteration in {spec['muon_ns_dtype']} (`--muon-ns-dtype`; torch's is bfloat16)."
+           if spec.get("muon_ns_dtype") else ""), "",
         f"Tuning, the same for every optimizer: lr grid factor 2 apart at seed 0, grown by one point while "
         f"the best sat at an edge (at most {spec['max_extend']} times); Sophia also a rho grid "
         f"({', '.join(f'{r:g}' for r in spec['rhos'])}) at its best lr; then the chosen setting at "
@@ -508,7 +512,10 @@ def report(result: dict[str, Any]) -> str:
 # -- entry point ---------------------------------------------------------------------------------
 def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: dict[str, list[float]] | None,
                rhos: list[float], eval_every: int, eval_batches: int, data_root: str, jobs: int, quick: bool,
-               max_extend: int = 2, qk_norm: bool = False, device: str = "cpu") -> dict[str, Any]:
+               max_extend: int = 2, qk_norm: bool = False, device: str = "cpu",
+               muon_ns_dtype: str = "bfloat16") -> dict[str, Any]:
+    if muon_ns_dtype not in ("bfloat16", "float32"):
+        raise TrainError(f"--muon-ns-dtype must be bfloat16 or float32, got {muon_ns_dtype!r}")
     model = dict(QUICK_MODEL) if quick else {}
     if quick and device != "cpu":  # a smoke test: compiling each 20-step run would cost more than the run
         model["compile"] = False
@@ -534,6 +541,8 @@ def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: 
     extra = {"adamw_part_lr": adamw_part_lr} if "muon" in optimizers else {}  # older sweeps' specs stay equal
     if device != "cpu":  # likewise: a CPU sweep's spec has no device (the numbers differ across devices)
         extra["device"] = device
+    if "muon" in optimizers and muon_ns_dtype != "bfloat16":  # likewise: absent means torch's bfloat16
+        extra["muon_ns_dtype"] = muon_ns_dtype
     return {**extra, "preset": preset, "optimizers": optimizers, "steps": steps, "seeds": seeds, "lrs": grids,
             "rhos": sorted({float(f"{float(r):.6g}") for r in rhos}), "default_rho": default_rho,
             "eval_every": eval_every,
@@ -596,7 +605,7 @@ def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = N
          seeds: int = 3, lrs: dict[str, list[float]] | None = None, rhos: list[float] | None = None,
          eval_every: int = 25, eval_batches: int = 10, data_root: str = "data", jobs: int | None = None,
          quick: bool = False, command: str = "sophia bench converge", qk_norm: bool = False,
-         device: str = "cpu") -> dict[str, Any]:
+         device: str = "cpu", muon_ns_dtype: str = "bfloat16") -> dict[str, Any]:
     if device not in DEVICES:
         raise TrainError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     gpus = visible_gpus() if device == "cuda" else None
@@ -612,7 +621,8 @@ def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = N
     if steps < 1 or seeds < 1 or jobs < 1 or eval_every < 1 or eval_batches < 1:
         raise TrainError("--steps, --seeds, --jobs, --eval-every and --eval-batches must be >= 1")
     spec = build_spec(preset, optimizers, steps, seeds, lrs, rhos or list(DEFAULT_RHOS), eval_every, eval_batches,
-                      data_root, jobs, quick, max_extend=0 if quick else 2, qk_norm=qk_norm, device=device)
+                      data_root, jobs, quick, max_extend=0 if quick else 2, qk_norm=qk_norm, device=device,
+                      muon_ns_dtype=muon_ns_dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     saved_path = out / SWEEP_FILE

@@ -62,6 +62,7 @@ class TrainConfig:
     rho: float = 0.05
     eps: float | None = None
     muon_lr: float | None = None  # Muon's hidden matrices (--lr is its AdamW part's); None: the preset's
+    muon_ns_dtype: str = "bfloat16"  # Muon's Newton-Schulz iteration: bfloat16 (torch's) or float32
     grad_clip: float = 1.0  # 0 disables
     hessian_interval: int = 10
     hessian_batch_fraction: float = 1.0
@@ -129,6 +130,8 @@ class TrainConfig:
             raise TrainError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.muon_lr is not None and not (math.isfinite(self.muon_lr) and self.muon_lr > 0):
             raise TrainError(f"--muon-lr must be a finite number > 0, got {self.muon_lr!r}")
+        if self.muon_ns_dtype not in ("bfloat16", "float32"):
+            raise TrainError(f"--muon-ns-dtype must be bfloat16 or float32, got {self.muon_ns_dtype!r}")
         if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
             raise TrainError(f"--eps must be a finite number > 0, got {self.eps!r}")
         for name in ("device_memory_gib", "peak_tflops", "dist_timeout_min"):

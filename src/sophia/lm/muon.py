@@ -103,6 +103,22 @@ class Muon(torch.optim.Muon):
         return loss
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU has native bfloat16 matrix instructions (x86 ``avx512_bf16`` or ``amx_bf16``, Arm
+    ``bf16``), read from ``cpuinfo``; None where that cannot be told (no such file, no flags line). Without
+    them torch computes bfloat16 matmuls slowly: Muon's bfloat16 Newton-Schulz iteration took 20-25x
+    float32's time per step on an AVX2-only CPU (``benchmarks/results/muon-ns-speed/``)."""
+    try:
+        with open(cpuinfo) as f:
+            lines = [ln for ln in f if ln.lower().startswith(("flags", "features"))]
+    except OSError:
+        return None
+    if not lines:
+        return None
+    flags = set(lines[0].split(":", 1)[-1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def split_gpt_groups(param_groups: list[dict]) -> tuple[list[dict], list[dict]]:
     """(the Muon groups, the AdamW groups) of :meth:`sophia.lm.model.GPT.param_groups`' output.
 

@@ -49,6 +49,7 @@ from sophia.lm.config import LEGACY_DEFAULTS, TrainConfig, TrainError, check_wri
 from sophia.lm.device import resolve_device as check_device
 from sophia.lm.memory import GiB, device_memory_bytes, estimate_run, fit_advice, flops_per_token, peak_tflops
 from sophia.lm.model import GPT, GPTConfig
+from sophia.lm.muon import cpu_has_native_bf16
 from sophia.lm.optimizers import NEEDS_CREATE_GRAPH, OptimizerSettings, build_optimizer, needs_create_graph
 from sophia.lm.tokenizers import parse_spec
 
@@ -287,7 +288,7 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.cuda else None)
         settings = OptimizerSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2,
                                      rho=cfg.rho, eps=cfg.eps, hessian_interval=cfg.hessian_interval,
-                                     muon_lr=cfg.muon_lr)
+                                     muon_lr=cfg.muon_lr, muon_ns_dtype=getattr(torch, cfg.muon_ns_dtype))
         fast = cfg.fused_optimizer and self.cuda and not self.fsdp
         if self.fsdp and self.cuda and cfg.fused_optimizer and cfg.optimizer in ("adamw", "sophiag") \
                 and self.dist.main:
@@ -296,6 +297,11 @@ class Trainer:
         self.opt = build_optimizer(cfg.optimizer, self.raw_model.param_groups(cfg.weight_decay), settings,
                                    fused=fast and cfg.optimizer in ("adamw", "muon"),
                                    cuda_graph=fast and cfg.optimizer == "sophiag")
+        if cfg.optimizer == "muon" and cfg.muon_ns_dtype == "bfloat16" and not self.cuda and self.dist.main \
+                and cpu_has_native_bf16() is False:
+            self.log("muon: this CPU has no native bfloat16 matmuls, so the bfloat16 Newton-Schulz iteration is "
+                     "slow here (20-25x float32's step time measured on one such CPU); --muon-ns-dtype float32 "
+                     "avoids it")
         # The CUDA-graph step replays on the same gradient tensors: keep them, zeroed in place.
         self.grads_to_none = not (fast and cfg.optimizer == "sophiag")
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
