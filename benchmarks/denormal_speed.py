@@ -2,7 +2,11 @@
 flush-to-zero, interleaved in one process (medians of repeats), and the share of subnormal entries in the
 attention weights' gradients.
 
-    OMP_NUM_THREADS=1 python benchmarks/denormal_speed.py RUN_DIR [RUN_DIR ...] [--repeats 15]
+    OMP_NUM_THREADS=1 python benchmarks/denormal_speed.py RUN_DIR [RUN_DIR ...] [--repeats 15] [--attention math]
+
+``--attention``: the model's attention path, ``sdpa`` (the fused kernel, what Sophia-G, AdamW and the other
+first-order runs train with) or ``math`` (the explicit softmax that stores the attention probabilities: what
+Sophia-H and AdaHessian train with, for their double backward).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--attention", choices=("sdpa", "math"), default="sdpa")
     a = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -32,6 +37,7 @@ def main() -> None:
         ckpt = load_checkpoint(Path(run), purpose="bench")
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
+        model.set_attention(a.attention)
         cfg = ckpt["config"]
         data = load_dataset(Path(ckpt["dataset_dir"]))
         x, y = fixed_batches(data.val, cfg["batch_size"], cfg["block_size"], 1, seed=7)[0]
@@ -52,7 +58,7 @@ def main() -> None:
                     fwd_bwd()
                     times[flush].append(time.perf_counter() - t0)
         stats = model.eval().attention_stats(x)
-        row = {"run": run, "step": ckpt["step"], "subnormal_qkv_grad_share": subnormal,
+        row = {"run": run, "step": ckpt["step"], "attention": a.attention, "subnormal_qkv_grad_share": subnormal,
                "max_attn_logit": max(stats["attn_max_logit"]), "min_attn_entropy": min(stats["attn_entropy"]),
                "ms_denormals_kept": 1e3 * statistics.median(times[False]),
                "ms_flushed": 1e3 * statistics.median(times[True])}
