@@ -22,14 +22,14 @@ import torch
 from sophia.denormal import flush_denormals
 from sophia.lm.checkpoint import load_checkpoint
 from sophia.lm.data import fixed_batches, load_dataset
-from sophia.lm.model import GPT, GPTConfig
+from sophia.lm.model import ATTENTION, GPT, GPTConfig
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--attention", choices=("sdpa", "math"), default="sdpa")
+    ap.add_argument("--attention", choices=ATTENTION, default="sdpa")
     a = ap.parse_args()
     torch.set_num_threads(1)
     rows = []

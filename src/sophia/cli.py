@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 
 from sophia.lm.config import TrainConfig, TrainError
+from sophia.lm.muon import MUON_NS_DTYPES
 
 # Settings that have their own, explicit options.
 _EXPLICIT = {"preset", "optimizer", "out_dir"}
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     cv.add_argument("--data-root", default="data")
     cv.add_argument("--quick", action="store_true", help="a one-layer model, 20 steps, AdamW and SophiaG")
     cv.add_argument("--qk-norm", action="store_true", help="every optimizer's model with QK-norm (train --qk-norm)")
-    cv.add_argument("--muon-ns-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+    cv.add_argument("--muon-ns-dtype", default="bfloat16", choices=MUON_NS_DTYPES,
                     help="Muon's Newton-Schulz iteration (train --muon-ns-dtype; default torch's bfloat16): float32 "
                          "on a CPU without native bfloat16 matmuls")
 

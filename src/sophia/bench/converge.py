@@ -514,8 +514,6 @@ def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: 
                rhos: list[float], eval_every: int, eval_batches: int, data_root: str, jobs: int, quick: bool,
                max_extend: int = 2, qk_norm: bool = False, device: str = "cpu",
                muon_ns_dtype: str = "bfloat16") -> dict[str, Any]:
-    if muon_ns_dtype not in ("bfloat16", "float32"):
-        raise TrainError(f"--muon-ns-dtype must be bfloat16 or float32, got {muon_ns_dtype!r}")
     model = dict(QUICK_MODEL) if quick else {}
     if quick and device != "cpu":  # a smoke test: compiling each 20-step run would cost more than the run
         model["compile"] = False
@@ -527,7 +525,8 @@ def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: 
     for opt in optimizers:
         if opt not in NAMES:
             raise TrainError(f"unknown optimizer {opt!r} for bench converge; choose from {', '.join(NAMES)}")
-        cfg = resolve_config(preset, opt, {**model, "max_steps": steps, "warmup_steps": warmup})
+        muon = {"muon_ns_dtype": muon_ns_dtype} if opt == "muon" else {}  # validated there
+        cfg = resolve_config(preset, opt, {**model, **muon, "max_steps": steps, "warmup_steps": warmup})
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
         warmup_steps = cfg.warmup_steps
         grid = (lrs or {}).get(opt) or _default_grid(preset, opt, cfg)

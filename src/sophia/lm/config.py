@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from sophia.lm.muon import MUON_NS_DTYPES
 from sophia.lm.optimizers import OPTIMIZERS
 from sophia.lm.presets import get_preset
 
@@ -130,8 +131,8 @@ class TrainConfig:
             raise TrainError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.muon_lr is not None and not (math.isfinite(self.muon_lr) and self.muon_lr > 0):
             raise TrainError(f"--muon-lr must be a finite number > 0, got {self.muon_lr!r}")
-        if self.muon_ns_dtype not in ("bfloat16", "float32"):
-            raise TrainError(f"--muon-ns-dtype must be bfloat16 or float32, got {self.muon_ns_dtype!r}")
+        if self.muon_ns_dtype not in MUON_NS_DTYPES:
+            raise TrainError(f"--muon-ns-dtype must be {' or '.join(MUON_NS_DTYPES)}, got {self.muon_ns_dtype!r}")
         if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
             raise TrainError(f"--eps must be a finite number > 0, got {self.eps!r}")
         for name in ("device_memory_gib", "peak_tflops", "dist_timeout_min"):

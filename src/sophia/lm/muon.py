@@ -34,6 +34,7 @@ from torch import Tensor
 
 MUON_MOMENTUM = 0.95  # torch's and Keller Jordan's default (Nesterov)
 DEFAULT_MUON_LR = 0.02
+MUON_NS_DTYPES = ("bfloat16", "float32")  # the Newton-Schulz dtypes the harness offers (torch's first)
 
 
 def newton_schulz(update: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
