@@ -140,6 +140,21 @@ def test_quick_sweep_writes_everything_and_never_redoes_a_run(tmp_path, capsys):
     assert "run " not in again.err  # every run was already finished
     assert {r: (out / "runs" / r / "result.json").stat().st_mtime_ns for r in runs} == stamp
     assert json.loads((out / "results.json").read_text())["analysis"] == result["analysis"]
+    # Passing the finished sweep again, even with other resumable options, leaves its report as it was:
+    # the command line that made it, and the same bytes in every file.
+    files = ["report.md", "results.json", *result["plots"]]
+    before = {f: ((out / f).read_bytes(), (out / f).stat().st_mtime_ns) for f in files}
+    assert main(["bench", "converge", "--quick", "--jobs", "1", "--out-dir", str(out)]) == 0
+    kept = capsys.readouterr()
+    assert "nothing new since its report" in kept.err and "run " not in kept.err
+    assert {f: ((out / f).read_bytes(), (out / f).stat().st_mtime_ns) for f in files} == before
+    assert f"Command: `sophia bench converge --quick --out-dir {out}`" in kept.out
+    # A missing plot is drawn again (and with it the whole report, under the new command line).
+    (out / "loss_vs_lr.png").unlink()
+    assert main(["bench", "converge", "--quick", "--jobs", "1", "--out-dir", str(out)]) == 0
+    capsys.readouterr()
+    assert (out / "loss_vs_lr.png").read_bytes()[:4] == b"\x89PNG"
+    assert "--jobs 1" in (out / "report.md").read_text()
     # Other settings in the same folder are refused rather than mixed in.
     assert main(["bench", "converge", "--quick", "--optimizers", "adamw,lion", "--out-dir", str(out)]) == 1
     assert "other settings" in capsys.readouterr().err

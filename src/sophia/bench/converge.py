@@ -600,6 +600,27 @@ def spec_conflicts(saved: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     return sorted(diff)
 
 
+def _unchanged_result(out: Path, spec: dict[str, Any], analysis: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved results of a sweep continued with nothing new to run (the same settings, apart from the
+    resumable ones, and the same analysis), so that passing a finished sweep again does not rewrite its
+    results with another command line or machine, nor its plots; None when anything would change or a
+    file of the report is missing."""
+    path = out / "results.json"
+    if not (path.exists() and (out / "report.md").exists()):
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return None
+    same_spec = ({k: v for k, v in old.get("spec", {}).items() if k not in _RESUMABLE}
+                 == {k: v for k, v in spec.items() if k not in _RESUMABLE})
+    # through JSON, as the saved analysis went (tuples become lists; NaN never compares equal: rewrite)
+    same = same_spec and old.get("analysis") == json.loads(json.dumps(analysis))
+    if not same or not all((out / name).exists() for name in old.get("plots", [])):
+        return None
+    return old
+
+
 def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = None, steps: int = 400,
          seeds: int = 3, lrs: dict[str, list[float]] | None = None, rhos: list[float] | None = None,
          eval_every: int = 25, eval_batches: int = 10, data_root: str = "data", jobs: int | None = None,
@@ -635,8 +656,20 @@ def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = N
     saved_path.write_text(json.dumps(spec, indent=2) + "\n")
     sweep = Sweep(out, spec, jobs, log=lambda msg: print(msg, file=sys.stderr, flush=True), gpus=gpus)
     sweep.plan()
+    analysis = analyse(sweep)
+    kept = _unchanged_result(out, spec, analysis)
+    if kept is not None:
+        # the report is rendered again from the saved results (its command line and machine are those of
+        # the runs), so that a newer report layout still reaches it
+        print(f"{out}: nothing new since its report was written; results.json and the plots are kept "
+              f"as they are", file=sys.stderr, flush=True)
+        text = report(kept)
+        if (out / "report.md").read_text() != text:
+            (out / "report.md").write_text(text)
+        print(text)
+        return kept
     machine = {**machine_info(), **({"gpus": len(gpus)} if gpus else {})}
-    result = {"command": command, "machine": machine, "spec": spec, "analysis": analyse(sweep)}
+    result = {"command": command, "machine": machine, "spec": spec, "analysis": analysis}
     result["plots"] = plot(result["analysis"], out, f"{preset}: validation loss at each optimizer's best setting",
                            device)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
