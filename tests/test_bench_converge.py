@@ -357,3 +357,11 @@ def test_muon_ns_dtype_reaches_only_muons_runs_and_is_part_of_the_sweep(tmp_path
         fake.plan()
         text = report({"spec": spec, "analysis": analyse(fake), "command": "x", "machine": machine})
         assert ("Muon's Newton-Schulz iteration in float32" in text) == said
+    assert "Sophia also a rho grid (0.01, 0.05, 0.2) at its best lr" in text  # the last one drawn: plain's
+    # a sweep given one rho (as the small sweep was) says that rho was fixed, not "a rho grid (0.05)"
+    one = build_spec("tiny", ["adamw", "sophiag"], 20, 3, {"adamw": [4e-3, 8e-3], "sophiag": [5e-4, 1e-3]},
+                     [0.05], 5, 2, "data", 2, quick=True)
+    fake = FakeSweep(one, best_lr=1e-3)
+    fake.plan()
+    text = report({"spec": one, "analysis": analyse(fake), "command": "x", "machine": machine})
+    assert "Sophia's rho fixed at 0.05;" in text and "rho grid" not in text

@@ -432,8 +432,10 @@ def report(result: dict[str, Any]) -> str:
         + (f" Muon's Newton-Schulz iteration in {spec['muon_ns_dtype']} (`--muon-ns-dtype`; torch's is bfloat16)."
            if spec.get("muon_ns_dtype") else ""), "",
         f"Tuning, the same for every optimizer: lr grid factor 2 apart at seed 0, grown by one point while "
-        f"the best sat at an edge (at most {spec['max_extend']} times); Sophia also a rho grid "
-        f"({', '.join(f'{r:g}' for r in spec['rhos'])}) at its best lr; then the chosen setting at "
+        f"the best sat at an edge (at most {spec['max_extend']} times); "
+        + (f"Sophia's rho fixed at {spec['rhos'][0]:g}" if len(spec["rhos"]) == 1 else
+           f"Sophia also a rho grid ({', '.join(f'{r:g}' for r in spec['rhos'])}) at its best lr")
+        + f"; then the chosen setting at "
         f"{spec['seeds']} fresh seeds (1 to {spec['seeds']}: model init and data order). Seed 0, which chose "
         "the setting, is not among them: every number below comes from the fresh seeds.", "",
         "## Final validation loss at the chosen setting", "",
