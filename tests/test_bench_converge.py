@@ -11,6 +11,7 @@ import torch
 
 from sophia.bench.converge import Setting, Sweep, analyse, build_spec, crossing, mean_curve
 from sophia.cli import main
+from sophia.lm.config import TrainError
 
 
 def _evals(losses, step=10, tokens_per_step=100, seconds_per_step=0.5, hessian_every=None):
@@ -365,3 +366,19 @@ def test_muon_ns_dtype_reaches_only_muons_runs_and_is_part_of_the_sweep(tmp_path
     fake.plan()
     text = report({"spec": one, "analysis": analyse(fake), "command": "x", "machine": machine})
     assert "Sophia's rho fixed at 0.05;" in text and "rho grid" not in text
+
+
+def test_tokens_per_step_reach_every_run_and_are_part_of_the_sweep(tmp_path):
+    from sophia.bench.converge import spec_conflicts
+
+    plain = build_spec("tiny", ["adamw", "sophiag"], 300, 3, None, [0.05], 25, 10, "data", 2, False)
+    big = build_spec("tiny", ["adamw", "sophiag"], 300, 3, None, [0.05], 25, 10, "data", 2, False,
+                     batch_size=512, grad_accum=2)
+    assert plain["tokens_per_step"] == 32 * 128 and "batch_size" not in plain["model"]  # older specs unchanged
+    assert big["tokens_per_step"] == 512 * 128 * 2
+    cmd = Sweep(tmp_path, big, jobs=1).command(Setting("sophiag", 1e-3, 0.05, 1), resume=False)
+    assert cmd[cmd.index("--batch-size") + 1] == "512" and cmd[cmd.index("--grad-accum") + 1] == "2"
+    assert "--batch-size" not in Sweep(tmp_path, plain, jobs=1).command(Setting("adamw", 4e-3, None, 0), False)
+    assert spec_conflicts(plain, big) == ["model", "tokens_per_step"]
+    with pytest.raises(TrainError, match="--batch-size must be >= 1"):
+        build_spec("tiny", ["adamw"], 10, 1, None, [0.05], 5, 1, "data", 1, False, batch_size=0)

@@ -285,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     cv.add_argument("--data-root", default="data")
     cv.add_argument("--quick", action="store_true", help="a one-layer model, 20 steps, AdamW and SophiaG")
     cv.add_argument("--qk-norm", action="store_true", help="every optimizer's model with QK-norm (train --qk-norm)")
+    cv.add_argument("--batch-size", type=int, default=None,
+                    help="sequences per micro-batch for every run (train --batch-size; default the preset's): "
+                         "with --grad-accum, the tokens per step")
+    cv.add_argument("--grad-accum", type=int, default=None,
+                    help="micro-batches per step for every run (train --grad-accum; default the preset's)")
     cv.add_argument("--muon-ns-dtype", default="bfloat16", choices=MUON_NS_DTYPES,
                     help="Muon's Newton-Schulz iteration (train --muon-ns-dtype; default torch's bfloat16): float32 "
                          "on a CPU without native bfloat16 matmuls")
@@ -357,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                           steps=args.steps, seeds=args.seeds, lrs=_grids(args.lrs), rhos=_csv(args.rhos, float),
                           eval_every=args.eval_every, eval_batches=args.eval_batches, data_root=args.data_root,
                           jobs=args.jobs, quick=args.quick, command=command, qk_norm=args.qk_norm,
-                          device=args.device, muon_ns_dtype=args.muon_ns_dtype)
+                          device=args.device, muon_ns_dtype=args.muon_ns_dtype, batch_size=args.batch_size,
+                          grad_accum=args.grad_accum)
             return 0
         if args.command == "bench" and args.bench == "toy":
             from sophia.bench.toy import main as toy_main

@@ -515,8 +515,15 @@ def report(result: dict[str, Any]) -> str:
 def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: dict[str, list[float]] | None,
                rhos: list[float], eval_every: int, eval_batches: int, data_root: str, jobs: int, quick: bool,
                max_extend: int = 2, qk_norm: bool = False, device: str = "cpu",
-               muon_ns_dtype: str = "bfloat16") -> dict[str, Any]:
+               muon_ns_dtype: str = "bfloat16", batch_size: int | None = None,
+               grad_accum: int | None = None) -> dict[str, Any]:
     model = dict(QUICK_MODEL) if quick else {}
+    # the tokens per step, when not the preset's: recorded only where given, so older sweeps' specs stay equal
+    for key, value in (("batch_size", batch_size), ("grad_accum", grad_accum)):
+        if value is not None:
+            if value < 1:
+                raise TrainError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+            model[key] = value
     if quick and device != "cpu":  # a smoke test: compiling each 20-step run would cost more than the run
         model["compile"] = False
     if qk_norm:  # every optimizer gets it: fairness
@@ -627,7 +634,8 @@ def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = N
          seeds: int = 3, lrs: dict[str, list[float]] | None = None, rhos: list[float] | None = None,
          eval_every: int = 25, eval_batches: int = 10, data_root: str = "data", jobs: int | None = None,
          quick: bool = False, command: str = "sophia bench converge", qk_norm: bool = False,
-         device: str = "cpu", muon_ns_dtype: str = "bfloat16") -> dict[str, Any]:
+         device: str = "cpu", muon_ns_dtype: str = "bfloat16", batch_size: int | None = None,
+         grad_accum: int | None = None) -> dict[str, Any]:
     if device not in DEVICES:
         raise TrainError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     gpus = visible_gpus() if device == "cuda" else None
@@ -644,7 +652,7 @@ def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = N
         raise TrainError("--steps, --seeds, --jobs, --eval-every and --eval-batches must be >= 1")
     spec = build_spec(preset, optimizers, steps, seeds, lrs, rhos or list(DEFAULT_RHOS), eval_every, eval_batches,
                       data_root, jobs, quick, max_extend=0 if quick else 2, qk_norm=qk_norm, device=device,
-                      muon_ns_dtype=muon_ns_dtype)
+                      muon_ns_dtype=muon_ns_dtype, batch_size=batch_size, grad_accum=grad_accum)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     saved_path = out / SWEEP_FILE
