@@ -544,3 +544,105 @@ def test_state_dict_saved_before_cuda_graph_existed_loads():
     new = SophiaG([p])
     new.load_state_dict(sd)
     assert new.param_groups[0]["cuda_graph"] is False and new.param_groups[0]["lr"] == 0.01
+
+
+# -- half-precision parameters: float32 arithmetic, stored back --------------------------------
+HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_float16_coordinates_without_gradient_or_curvature_stay_finite(cls, impl):
+    # eps = 1e-15 is 0 in float16: m = 0 and h = 0 once gave 0/0 = nan.
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    opt = cls([p], lr=0.1, **impl)
+    p.grad = torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=torch.float16)
+    opt.step()
+    # float64 formula: decay by lr * wd = 0.01, then a full sign step where m != 0, nothing where m = 0
+    expected = torch.tensor([0.99 - 0.1, 0.99, 0.99 + 0.1, 0.99], dtype=torch.float64).to(torch.float16)
+    assert torch.equal(p.detach(), expected), p
+    assert opt.win_rate() == 0.5  # m = 0 < max(rho * 0, eps): unclipped, as in float32
+
+
+def _half_trajectory(cls, impl, dtype, steps=24):
+    """Steps with half parameters; each checked against the float64 formula applied to the stored
+    values, rounded once to the dtype. Returns the parameters."""
+    gen = torch.Generator().manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(257, generator=gen).to(dtype))
+    lr, wd, b1, rho = 2e-2, 0.1, 0.9, 0.05
+    extra = dict(update_period=10 ** 6) if cls is SophiaH else {}
+    opt = cls([p], lr=lr, weight_decay=wd, rho=rho, betas=(b1, 0.99), **extra, **impl)
+    mismatched = 0
+    for t in range(steps):
+        g = torch.randn(257, generator=gen) * (torch.rand(257, generator=gen) > 0.2)  # some exact zeros
+        p.grad = g.to(dtype)
+        st = opt.state.get(p)
+        m0 = st["exp_avg"].double() if st else torch.zeros(257, dtype=torch.float64)
+        h0 = st["hessian"].double() if st else torch.zeros(257, dtype=torch.float64)
+        ref_p, ref_m = reference_step(p.detach().double(), p.grad.double(), m0, h0, lr, b1, rho, wd, 1e-15, False)
+        opt.step()
+        assert opt.state[p]["exp_avg"].dtype == dtype and torch.isfinite(p).all()
+        # float32 arithmetic rounded once: the float64 result rounded, but for rare double roundings (1 ulp)
+        for got, want in ((p.detach(), ref_p.to(dtype)), (opt.state[p]["exp_avg"], ref_m.to(dtype))):
+            mismatched += int((got != want).sum())
+            ulp = torch.finfo(dtype).eps * want.double().abs().clamp_min(torch.finfo(dtype).tiny)
+            assert ((got.double() - want.double()).abs() <= ulp).all()
+        if t % 6 == 5:
+            opt.update_hessian(bs=100)
+    assert mismatched <= 0.01 * 2 * steps * 257
+    return p.detach()
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
+def test_half_parameters_step_like_float64_rounded_once(dtype, impl):
+    _half_trajectory(SophiaG, impl, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
+def test_half_parameter_paths_agree_and_sophiah_too(dtype):
+    paths = [_half_trajectory(SophiaG, impl, dtype) for impl in IMPLS[:2]]
+    assert torch.equal(paths[0], paths[1])  # for-loop and foreach: the same float32 arithmetic
+    torch.testing.assert_close(_half_trajectory(SophiaH, IMPLS[0], dtype), paths[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
+def test_half_trajectory_stays_near_the_float32_one(dtype):
+    # Half parameters round every update (a bf16 weight near 1 cannot move by less than 2**-8), so the
+    # trajectories part; the loss they reach must stay close to the float32 run's.
+    gen = torch.Generator().manual_seed(9)
+    init = torch.randn(64, 32, generator=gen)
+    x, w = torch.randn(128, 32, generator=gen), torch.randn(32, 64, generator=gen)
+
+    def loss_of(p, d, noise=None):
+        target = x.to(d) @ w.to(d) + (noise.to(d) if noise is not None else 0)
+        return ((x.to(d) @ p.T - target) ** 2).float().mean()
+
+    runs = {}
+    for d in (torch.float32, dtype):
+        noise = torch.Generator().manual_seed(10)  # the same sampled targets for both runs
+        p = torch.nn.Parameter(init.clone().to(d))
+        opt = SophiaG([p], lr=1e-2, rho=0.05, weight_decay=0.0)
+        for t in range(60):
+            loss_of(p, d).backward()
+            opt.step()
+            if t % 10 == 9:
+                p.grad = None
+                loss_of(p, d, torch.randn(128, 64, generator=noise)).backward()
+                opt.update_hessian(bs=128 * 64)
+            opt.zero_grad(set_to_none=True)
+        assert torch.isfinite(p).all()
+        runs[d] = loss_of(p.detach().float(), torch.float32).item()
+    start = loss_of(init, torch.float32).item()
+    assert runs[torch.float32] < 0.7 * start
+    assert abs(runs[dtype] - runs[torch.float32]) < 0.05 * (start - runs[torch.float32]), (start, runs)
+
+
+def test_compiled_update_takes_more_variants_than_dynamos_default_limit():
+    # dtype x tensor count x maximize: more compiled variants than dynamo's default of 8 per function
+    for i in range(10):
+        dtype = (torch.float32, torch.float64, torch.bfloat16)[i % 3]
+        lists = [[torch.randn(3, dtype=dtype) for _ in range(1 + i // 3)] for _ in range(4)]
+        sophia_update(*lists, lr=0.1, beta1=0.9, rho=0.1, weight_decay=0.0, eps=1e-12, maximize=i % 2 == 1,
+                      implementation="compiled")
+        assert all(torch.isfinite(t).all() for t in lists[0])

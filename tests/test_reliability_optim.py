@@ -281,3 +281,105 @@ def test_gnb_refresh_refuses_a_bad_max_grad_norm_before_touching_anything(bad):
         gnb_refresh(opt, lambda: categorical_sampled_loss(model(torch.randn(8, 3))), max_grad_norm=bad)
     assert all(p.grad is g for p, g in zip(model.parameters(), pending))
     assert opt.hessian_updates == 0 and len(opt.state) == 0
+
+
+# -- the other Sophia's state dict --------------------------------------------------------------
+@pytest.mark.parametrize("source_cls,target_cls", [(SophiaH, SophiaG), (SophiaG, SophiaH)])
+@pytest.mark.parametrize("marked", [True, False], ids=["saved-now", "saved-before-the-class-was-recorded"])
+def test_sophiag_and_sophiah_refuse_each_others_state_dicts(source_cls, target_cls, marked):
+    source, _ = _trained(source_cls, seed=1, steps=4)
+    sd = source.state_dict()
+    if not marked:
+        del sd["sophia_optimizer"]
+    opt, params = _trained(target_cls)
+    snap = _snapshot(opt)
+    with pytest.raises(ValueError, match=f"saved by {source_cls.__name__}.*Nothing was changed"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(opt, snap)
+    assert all("update_period" not in g for g in opt.param_groups) == (target_cls is SophiaG)
+    twin, twin_params = _trained(target_cls)
+    assert all(torch.equal(a, b) for a, b in zip(_continue(opt, params), _continue(twin, twin_params)))
+
+
+def test_a_subclass_loads_its_familys_state_dicts():
+    class Mine(SophiaG):
+        pass
+
+    source, _ = _trained(SophiaG, seed=1, steps=4)
+    opt, _ = _trained(Mine)
+    opt.load_state_dict(source.state_dict())
+    assert opt.hessian_updates == 4 and opt.state_dict()["sophia_optimizer"] == "SophiaG"
+
+
+# -- a refused step changes nothing ----------------------------------------------------------------
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("name,bad", [("lr", dict(lr="0.1")), ("betas", dict(betas=(0.9,))),
+                                      ("rho", dict(rho=-1.0)), ("eps", dict(eps=0.0))])
+def test_a_setting_corrupted_after_construction_fails_the_step_before_anything_changes(cls, name, bad):
+    g = torch.Generator().manual_seed(0)
+    groups = [{"params": [torch.nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64))]} for _ in range(2)]
+    opt = cls(groups, lr=0.01)
+    for grp in groups:
+        grp["params"][0].grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    opt.param_groups[1].update(bad)  # the second group: the first must not have moved when it is refused
+    snap = _snapshot(opt)
+    before = [grp["params"][0].detach().clone() for grp in groups]
+    with pytest.raises(ValueError, match=name):
+        opt.step()
+    _assert_unchanged(opt, snap)
+    assert all(torch.equal(b, grp["params"][0]) for b, grp in zip(before, groups))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_multi_element_tensor_lr_uses_torchs_wording(cls):
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        cls([torch.nn.Parameter(torch.ones(2))], lr=torch.tensor([1e-3, 1e-3]))
+
+
+# -- copies ----------------------------------------------------------------------------------------
+def _roundtrips():
+    import io
+    import pickle
+
+    def via_torch_save(opt):
+        buf = io.BytesIO()
+        torch.save(opt, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    return {"deepcopy": copy.deepcopy, "pickle": lambda o: pickle.loads(pickle.dumps(o)), "torch.save": via_torch_save}
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "trained"])
+def test_copies_of_the_optimizer_keep_counters_and_continue_like_the_original(cls, how, fresh):
+    extra = dict(generator=torch.Generator().manual_seed(3), update_period=2) if cls is SophiaH else {}
+    opt, params = _trained(cls, steps=0 if fresh else 4, **extra)
+    clone = _roundtrips()[how]((opt, params))
+    copy_opt, copy_params = clone
+    assert copy_opt.hessian_updates == opt.hessian_updates and copy_opt.hessian_skipped == opt.hessian_skipped
+    assert copy_opt.state_dict()["sophia_counters"] == opt.state_dict()["sophia_counters"]
+    copy_opt.diagnostics()
+    if cls is SophiaH:  # the probes' generator travels with the copy, in the same state
+        assert copy_opt.generator is not None
+        assert torch.equal(copy_opt.generator.get_state(), opt.generator.get_state())
+
+    def go(o, ps):  # steps that refresh (SophiaH draws probes from its generator) and fold estimates
+        g = torch.Generator().manual_seed(11)
+        for _ in range(4):
+            for p in ps:
+                p.grad = None
+            loss = sum((p ** 3).sum() + (torch.randn(p.shape, generator=g, dtype=p.dtype) * p).sum() for p in ps)
+            loss.backward(create_graph=cls is SophiaH)
+            o.step()
+            o.zero_grad(set_to_none=True)
+            if cls is SophiaG:
+                sum((p ** 2).sum() for p in ps).backward()
+                o.update_hessian(bs=8)
+                o.zero_grad(set_to_none=True)
+        return [p.detach().clone() for p in ps], o.hessian_updates
+
+    a, b = go(opt, params), go(copy_opt, copy_params)
+    assert a[1] == b[1] and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))

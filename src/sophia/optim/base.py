@@ -15,6 +15,9 @@ from torch.optim import Optimizer
 from sophia.optim import functional as F
 
 _COUNTERS_KEY = "sophia_counters"
+_CLASS_KEY = "sophia_optimizer"  # which Sophia saved a state dict: SophiaG and SophiaH refuse each other's
+# The group settings only SophiaH has: a state dict without the class key is told apart by them.
+_SOPHIAH_KEYS = ("update_period", "distribution")
 
 
 def _local(t: Tensor) -> Tensor:
@@ -39,8 +42,9 @@ def _is_number(x: Any) -> bool:
 
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        if value.numel() != 1:  # torch's optimizers' wording, which its generic optimizer tests match
+            raise ValueError(f"Tensor {name} must be 1-element (a number or a one-element tensor), got shape "
+                             f"{tuple(value.shape)}")
         return float(value.item())
     if not _is_number(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
@@ -141,6 +145,12 @@ def _describe_foreign(groups: Sequence[Mapping[str, Any]], missing: Sequence[str
 class SophiaBase(Optimizer):
     """Common base of :class:`~sophia.SophiaG` and :class:`~sophia.SophiaH`; not used directly."""
 
+    # "SophiaG" or "SophiaH", inherited by a user's subclass: the state dicts it can load
+    _kind = "Sophia"
+    # Kept by copies and pickles besides torch's defaults, state and param_groups (with their defaults for
+    # objects pickled before they were kept).
+    _PICKLED = {"_hessian_updates": 0, "_hessian_skipped": 0, "_warned_nonfinite": False}
+
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         # The settings first, before params is looked at (as torch's optimizers do).
         self._validate_hyperparameters(defaults)
@@ -169,9 +179,16 @@ class SophiaBase(Optimizer):
                                   "params": _group_tensors(param_group["params"])})
         super().add_param_group(param_group)  # its own checks also come before it appends
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({key: getattr(self, key) for key in self._PICKLED})
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_graphs", {})
+        for key, default in self._PICKLED.items():
+            self.__dict__.setdefault(key, default)
+        self.__dict__.setdefault("_graphs", {})  # captured graphs belong to the original's tensors
         self.__dict__.setdefault("_warned_moves", False)
         for group in self.param_groups:
             for key, value in self._group_setdefaults().items():
@@ -187,7 +204,23 @@ class SophiaBase(Optimizer):
         sd = super().state_dict()
         sd[_COUNTERS_KEY] = {"hessian_updates": self._hessian_updates,
                              "hessian_skipped": self._hessian_skipped}
+        sd[_CLASS_KEY] = self._kind
         return sd
+
+    def _check_same_kind(self, state_dict: Mapping[str, Any]) -> None:
+        """Refuse the other Sophia's state dict: its settings (update_period, distribution) are not this
+        optimizer's, and taking them over would leave stray keys or missing ones in its groups."""
+        owner = type(self).__name__
+        saved = state_dict.get(_CLASS_KEY)
+        if saved is None:  # saved before the class was recorded: SophiaH's groups alone have its settings
+            has_h = any(k in g for g in state_dict["param_groups"] for k in _SOPHIAH_KEYS)
+            saved = "SophiaH" if has_h else "SophiaG"
+        if not isinstance(saved, str):
+            raise ValueError(f"the state dict's {_CLASS_KEY} must be a class name, got {saved!r}; nothing was changed")
+        if saved != self._kind:
+            raise ValueError(f"this state dict was saved by {saved}, and {owner} is a {self._kind}: the two keep "
+                             f"different settings ({', '.join(_SOPHIAH_KEYS)} are SophiaH's) and {owner} loads only "
+                             f"{self._kind} state dicts; build a {saved} to load it. Nothing was changed")
 
     def _check_state_dict(self, state_dict: Any) -> tuple[int, int]:
         """Raise ValueError unless ``state_dict`` loads completely; returns its Hessian counters."""
@@ -208,6 +241,7 @@ class SophiaBase(Optimizer):
             raise ValueError(f"{_describe_foreign(groups, missing)}. {owner} loads only state dicts saved "
                              f"by {owner} (or the authors' SophiaG, after convert_authors_state_dict); "
                              "nothing was changed")
+        self._check_same_kind(state_dict)
         if len(groups) != len(self.param_groups):
             raise ValueError(f"the state dict has {len(groups)} param groups, this {owner} has "
                              f"{len(self.param_groups)}; nothing was changed")
@@ -252,6 +286,7 @@ class SophiaBase(Optimizer):
         updates, skipped = self._check_state_dict(state_dict)
         state_dict = dict(state_dict)
         state_dict.pop(_COUNTERS_KEY, None)
+        state_dict.pop(_CLASS_KEY, None)
         self._graphs.clear()  # new state tensors: captured graphs would write to the old ones
         super().load_state_dict(state_dict)
         for group in self.param_groups:
@@ -299,6 +334,8 @@ class SophiaBase(Optimizer):
     def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         """Each group with its parameters that have a gradient, after refusing an impossible setting in
         any group: the step changes nothing before every group is known to be steppable."""
+        for group in self.param_groups:  # settings edited in a group after construction, e.g. lr = "0.1"
+            self._validate_hyperparameters(group)
         work = [(group, self._params_with_grad(group)) for group in self.param_groups]
         for group, params in work:
             self._implementation(group, params)

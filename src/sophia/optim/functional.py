@@ -57,16 +57,37 @@ def sophia_update(
        float(lr), float(beta1), float(rho), float(weight_decay), float(eps), bool(maximize))
 
 
+# Half-precision parameters and state are updated with float32 arithmetic and stored back, as torch's fused
+# optimizers do: in float16, eps = 1e-15 is 0 (so m = 0 and h = 0 would give 0/0 = nan) and the ratio and the
+# decay round at every operation.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the update's arithmetic runs in for tensors of ``dtype``."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
 def _single_tensor(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps, maximize):
     for p, g, m, h in zip(params, grads, exp_avgs, hessians):
-        if maximize:
-            g = -g
-        m.lerp_(g, 1 - beta1)
-        if weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
-        # max(rho*h, eps): zero or negative curvature becomes eps, so the clip yields a sign step.
-        ratio = torch.div(m, h.mul(rho).clamp_(min=eps)).clamp_(-1, 1)
-        p.add_(ratio, alpha=-lr)
+        if p.dtype in _LOW_PRECISION:
+            p32, m32 = p.float(), m.float()
+            _single_step(p32, g.float(), m32, h.float(), lr, beta1, rho, weight_decay, eps, maximize)
+            m.copy_(m32)
+            p.copy_(p32)
+        else:
+            _single_step(p, g, m, h, lr, beta1, rho, weight_decay, eps, maximize)
+
+
+def _single_step(p, g, m, h, lr, beta1, rho, weight_decay, eps, maximize):
+    if maximize:
+        g = -g
+    m.lerp_(g, 1 - beta1)
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    # max(rho*h, eps): zero or negative curvature becomes eps, so the clip yields a sign step.
+    ratio = torch.div(m, h.mul(rho).clamp_(min=eps)).clamp_(-1, 1)
+    p.add_(ratio, alpha=-lr)
 
 
 def _group_by_device_dtype(*lists):
@@ -78,8 +99,15 @@ def _group_by_device_dtype(*lists):
     return buckets.values()
 
 
+def _upcast(tensors: list[Tensor]) -> list[Tensor]:
+    return [t.float() for t in tensors] if tensors and tensors[0].dtype in _LOW_PRECISION else tensors
+
+
 def _multi_tensor(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps, maximize):
     for ps, gs, ms, hs in _group_by_device_dtype(params, grads, exp_avgs, hessians):
+        low = ps[0].dtype in _LOW_PRECISION  # float32 copies, stored back at the end
+        stored_ps, stored_ms = ps, ms
+        ps, gs, ms, hs = _upcast(ps), _upcast(gs), _upcast(ms), _upcast(hs)
         if maximize:
             gs = torch._foreach_neg(gs)
         torch._foreach_lerp_(ms, gs, 1 - beta1)
@@ -92,26 +120,47 @@ def _multi_tensor(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_deca
         torch._foreach_clamp_min_(ratio, -1.0)
         torch._foreach_clamp_max_(ratio, 1.0)
         torch._foreach_add_(ps, ratio, alpha=-lr)
+        if low:
+            torch._foreach_copy_(stored_ms, ms)
+            torch._foreach_copy_(stored_ps, ps)
 
 
 def _compiled_body(params, grads, exp_avgs, hessians, lr, one_minus_beta1, rho, decay, eps, maximize: bool):
     # Hyperparameters arrive as 0-d tensors so that a scheduler changing lr does not recompile.
+    # Half-precision tensors in float32 arithmetic (the casts fuse into the kernel), stored back.
     for p, g, m, h in zip(params, grads, exp_avgs, hessians):
+        low = p.dtype in (torch.float16, torch.bfloat16)
+        pf, gf, mf, hf = (p.float(), g.float(), m.float(), h.float()) if low else (p, g, m, h)
         if maximize:
-            g = -g
-        m.lerp_(g, one_minus_beta1)
-        p.mul_(decay)
-        ratio = torch.div(m, torch.clamp_min(h * rho, eps)).clamp(-1, 1)
-        p.sub_(ratio * lr)
+            gf = -gf
+        mf = torch.lerp(mf, gf, one_minus_beta1)
+        ratio = torch.div(mf, torch.clamp_min(hf * rho, eps)).clamp(-1, 1)
+        m.copy_(mf)
+        p.copy_(pf * decay - ratio * lr)
 
 
 _compiled_fn = None
+
+
+# The compiled update is specialised on each bucket's dtype, tensor count and maximize: an optimizer with
+# several groups, or several optimizers in one process, need more variants than dynamo's default of 8 per
+# function, past which a fullgraph compile fails outright.
+_RECOMPILE_LIMIT = 64
+
+
+def _recompile_limit():
+    return torch._dynamo.config.patch(recompile_limit=max(_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit))
 
 
 def _compiled(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps, maximize):
     global _compiled_fn
     if _compiled_fn is None:
         _compiled_fn = torch.compile(_compiled_body, fullgraph=True)
+    with _recompile_limit():
+        _compiled_buckets(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps, maximize)
+
+
+def _compiled_buckets(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps, maximize):
     for ps, gs, ms, hs in _group_by_device_dtype(params, grads, exp_avgs, hessians):
         # float64 parameters get float64 scalars; others float32 (the op math of half types).
         dtype = torch.float64 if ps[0].dtype == torch.float64 else torch.float32
@@ -176,7 +225,8 @@ class GraphedUpdate:
                 torch.cuda.synchronize(device)
                 graph = torch.cuda.CUDAGraph()
                 # a stream of the parameters' device; thread_local: other threads' CUDA calls are not the capture's
-                with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"), \
+                        _recompile_limit():
                     for (ps, gs, ms, hs), sc in zip(buckets, self.scalars):
                         _compiled_fn(ps, gs, ms, hs, *sc.unbind(), bool(maximize))  # recorded, not run
         except Exception as e:  # nothing ran during the capture: take this step without a graph
@@ -195,18 +245,25 @@ class GraphedUpdate:
 
 
 def hessian_ema(hessians: Sequence[Tensor], estimates: Sequence[Tensor], beta2: float) -> None:
-    """h = beta2 * h + (1 - beta2) * estimate, in place, for each pair."""
-    for hs, es in _group_by_device_dtype(list(hessians), list(estimates)):
+    """h = beta2 * h + (1 - beta2) * estimate, in place, for each pair (half precision: float32 arithmetic)."""
+    for stored, es in _group_by_device_dtype(list(hessians), list(estimates)):
+        hs, es = _upcast(stored), _upcast(es)
         torch._foreach_mul_(hs, beta2)
         torch._foreach_add_(hs, es, alpha=1 - beta2)
+        if hs is not stored:
+            torch._foreach_copy_(stored, hs)
 
 
 def hessian_ema_from_grads(hessians: Sequence[Tensor], grads: Sequence[Tensor], beta2: float,
                            scale: float) -> None:
-    """h = beta2 * h + (1 - beta2) * scale * g * g, in place (Gauss-Newton-Bartlett refresh)."""
-    for hs, gs in _group_by_device_dtype(list(hessians), list(grads)):
+    """h = beta2 * h + (1 - beta2) * scale * g * g, in place (Gauss-Newton-Bartlett refresh; half precision:
+    float32 arithmetic)."""
+    for stored, gs in _group_by_device_dtype(list(hessians), list(grads)):
+        hs, gs = _upcast(stored), _upcast(gs)
         torch._foreach_mul_(hs, beta2)
         torch._foreach_addcmul_(hs, gs, gs, value=(1 - beta2) * scale)
+        if hs is not stored:
+            torch._foreach_copy_(stored, hs)
 
 
 def unclipped_count(exp_avgs: Sequence[Tensor], hessians: Sequence[Tensor], rho: float,
@@ -214,6 +271,7 @@ def unclipped_count(exp_avgs: Sequence[Tensor], hessians: Sequence[Tensor], rho:
     """Number of coordinates with |m| < max(rho * h, eps): those the clip leaves alone."""
     total = None
     for m, h in zip(exp_avgs, hessians):
+        m, h = m.to(_opmath(m.dtype)), h.to(_opmath(h.dtype))  # as the update compares them
         n = (m.abs() < h.mul(rho).clamp_(min=eps)).sum()
         total = n if total is None else total + n.to(total.device)
     return total if total is not None else torch.tensor(0)

@@ -67,6 +67,8 @@ class SophiaG(SophiaBase):
         2
     """
 
+    _kind = "SophiaG"
+
     def __init__(
         self,
         params: Iterable,

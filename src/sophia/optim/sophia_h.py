@@ -66,6 +66,9 @@ class SophiaH(SophiaBase):
         2
     """
 
+    _kind = "SophiaH"
+    _PICKLED = {**SophiaBase._PICKLED, "generator": None}
+
     def __init__(
         self,
         params: Iterable,
@@ -99,10 +102,17 @@ class SophiaH(SophiaBase):
     def _group_setdefaults(self) -> dict[str, Any]:
         return {**super()._group_setdefaults(), "update_period": 10, "distribution": "rademacher"}
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        # estimates supplied for the next step, by position: a copy's parameters are other objects
+        state["_supplied_at"] = [(i, j) for i, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])
+                                 if id(p) in self._supplied]
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        supplied_at = state.pop("_supplied_at", [])
         super().__setstate__(state)
-        self.__dict__.setdefault("_supplied", set())
-        self.__dict__.setdefault("generator", None)
+        self._supplied = {id(self.param_groups[i]["params"][j]) for i, j in supplied_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
