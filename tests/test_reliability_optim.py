@@ -383,3 +383,25 @@ def test_copies_of_the_optimizer_keep_counters_and_continue_like_the_original(cl
 
     a, b = go(opt, params), go(copy_opt, copy_params)
     assert a[1] == b[1] and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+
+
+# -- messages that name the real problem -----------------------------------------------------------
+def test_sophiah_on_a_linear_loss_with_create_graph_does_not_blame_create_graph_alone():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = SophiaH([p], update_period=1)
+    for _ in range(2):
+        (p * torch.tensor([1.0, 2.0, 3.0])).sum().backward(create_graph=True)  # the user did pass it
+        if opt.hessian_due():
+            with pytest.raises(RuntimeError, match="linear in these parameters") as e:
+                opt.step()
+            assert "Nothing was changed" in str(e.value)
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_integer_logits_are_refused_by_name():
+    from sophia.hessian import categorical_sampled_loss
+
+    with pytest.raises(ValueError, match="logits must be floating point.*int64"):
+        categorical_sampled_loss(torch.tensor([[1, 2, 3]]))

@@ -202,3 +202,12 @@ def test_works_with_the_pytorch_lightning_package_name_too():
     trainer.fit(PlLM(), DataLoader(ex.counting_data(32), batch_size=8))
     assert trainer.global_step == 2 and trainer.optimizers[0].hessian_updates == 1
     assert [s for s, _ in callback.refreshes] == [2]
+
+
+def test_the_default_logits_fn_on_an_inputs_labels_batch_says_what_to_pass(tmp_path):
+    L.seed_everything(0, verbose=False)
+    trainer = ex.make_trainer(str(tmp_path), callback=SophiaCallback(hessian_interval=1), max_epochs=1)
+    data = DataLoader(ex.counting_data(16), batch_size=8, shuffle=False)
+    with pytest.raises(TypeError, match=r"default logits_fn calls pl_module\(batch\).*batch of 2 items"
+                                        r".*logits_fn=lambda module, batch"):
+        trainer.fit(ex.TinyLM(), data)

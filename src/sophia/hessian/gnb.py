@@ -75,6 +75,9 @@ def categorical_sampled_loss(logits: Tensor, *, mask: Tensor | None = None,
     """
     if logits.dim() < 1 or logits.shape[-1] < 2:
         raise ValueError(f"logits must have a class dimension of size >= 2, got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point (the model's unnormalised scores), got dtype {logits.dtype}; "
+                         "labels are sampled from softmax(logits)")
     labels = sample_categorical(logits, generator)
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_labels = labels.reshape(-1)

@@ -44,8 +44,10 @@ def hutchinson_from_grads(grads: Sequence[Tensor], params: Sequence[Tensor], *,
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     if not live:
         raise RuntimeError(
-            "none of the gradients carries a graph, so no Hessian-vector product can be taken: "
-            "compute them with create_graph=True, or use sophia.hessian.hutchinson(loss_fn, params)")
+            "none of the gradients carries a graph, so no Hessian-vector product can be taken: either they "
+            "were computed without create_graph=True, or the loss is linear in these parameters (its gradient "
+            "does not depend on them; the Hessian is zero). sophia.hessian.hutchinson(loss_fn, params) tells "
+            "the two apart (it returns zeros for a linear loss)")
     est = [torch.zeros_like(p) for p in params]
     with torch.enable_grad():
         for k in range(n_probes):

@@ -33,8 +33,12 @@ from sophia.optim import SophiaG
 
 try:
     from lightning.pytorch import Callback
-except ImportError:  # the package's older name
-    from pytorch_lightning import Callback
+except ImportError:
+    try:  # the package's older name
+        from pytorch_lightning import Callback
+    except ImportError:
+        raise ImportError("sophia.integrations.lightning needs Lightning, which is not installed: "
+                          "pip install 'sophia-lab[lightning]'") from None
 
 __all__ = ["SophiaCallback"]
 
@@ -42,7 +46,21 @@ LogitsFn = Callable[[Any, Any], "Tensor | tuple[Tensor, Tensor]"]
 
 
 def _default_logits_fn(pl_module: Any, batch: Any) -> Tensor:
-    return pl_module(batch)
+    try:
+        out = pl_module(batch)
+    except Exception as e:
+        if isinstance(batch, (tuple, list)):  # the usual (inputs, labels) batch, which forward does not take whole
+            raise TypeError(
+                f"SophiaCallback: the default logits_fn calls pl_module(batch), which failed on a batch of "
+                f"{len(batch)} items ({type(e).__name__}: {e}). Tell the callback how to get logits from a batch, "
+                "e.g. SophiaCallback(logits_fn=lambda module, batch: (module(batch[0]), batch[1])) (the labels mark "
+                "the positions that count; return the logits alone if all count)") from e
+        raise
+    if not isinstance(out, Tensor):
+        raise TypeError(f"SophiaCallback: the default logits_fn calls pl_module(batch), which returned "
+                        f"{type(out).__name__}, not a logits tensor; pass logits_fn=... returning the logits "
+                        "(or (logits, labels))")
+    return out
 
 
 class SophiaCallback(Callback):

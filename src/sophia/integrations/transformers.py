@@ -33,7 +33,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from transformers import Trainer, TrainerCallback
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as e:
+    if getattr(e, "name", None) not in ("transformers", "accelerate"):
+        raise
+    raise ImportError(f"sophia.integrations.transformers needs {e.name}, which is not installed: "
+                      "pip install 'sophia-lab[hf]'") from None
 
 from sophia.hessian import SampledLoss, bernoulli_sampled_loss, gaussian_sampled_loss, hutchinson
 from sophia.integrations._refresh import (

@@ -160,9 +160,12 @@ class SophiaH(SophiaBase):
         if not any(g.requires_grad for g in grads):
             raise RuntimeError(
                 f"{type(self).__name__}: this step refreshes the Hessian estimate, but the "
-                "gradients carry no graph. Either call loss.backward(create_graph=True) on the "
-                "steps where opt.hessian_due() is True, or compute the estimate with "
-                "sophia.hessian.hutchinson(loss_fn, params) and pass it to "
+                "gradients carry no graph to differentiate again. Either the backward ran without "
+                "create_graph=True (call loss.backward(create_graph=True) on the steps where "
+                "opt.hessian_due() is True), or the loss is linear in these parameters, so that its "
+                "gradient does not depend on them and the Hessian is zero (then Sophia's curvature "
+                "scaling has nothing to work with: use SophiaG, or pass the estimate yourself). Or "
+                "compute the estimate with sophia.hessian.hutchinson(loss_fn, params) and pass it to "
                 "opt.update_hessian(estimates=...) before step(). Nothing was changed.")
         estimates: dict[Tensor, Tensor] = {}
         by_dist: dict[str, list[tuple[dict[str, Any], Tensor]]] = {}
