@@ -405,3 +405,22 @@ def test_integer_logits_are_refused_by_name():
 
     with pytest.raises(ValueError, match="logits must be floating point.*int64"):
         categorical_sampled_loss(torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize("form", ["bs", "estimates"])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_setting_corrupted_after_construction_fails_the_refresh_before_anything_changes(cls, form):
+    g = torch.Generator().manual_seed(0)
+    groups = [{"params": [torch.nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64))]} for _ in range(2)]
+    opt = cls(groups, lr=0.01)
+    for grp in groups:
+        grp["params"][0].grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    opt.param_groups[1]["betas"] = (0.9, 1.5)
+    snap = _snapshot(opt)
+    with pytest.raises(ValueError, match="betas"):
+        if form == "bs":
+            opt.update_hessian(bs=4)
+        else:
+            opt.update_hessian(estimates=[torch.ones(3, dtype=torch.float64)] * 2)
+    _assert_unchanged(opt, snap)

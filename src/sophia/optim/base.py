@@ -331,11 +331,16 @@ class SophiaBase(Optimizer):
         return "foreach" if group["foreach"] else "for-loop"
 
     # -- the update -----------------------------------------------------------------------
+    def _check_groups(self) -> None:
+        """Refuse settings edited in a group after construction (e.g. lr = "0.1", betas = (0.9,)) before a
+        step or a refresh changes anything."""
+        for group in self.param_groups:
+            self._validate_hyperparameters(group)
+
     def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         """Each group with its parameters that have a gradient, after refusing an impossible setting in
         any group: the step changes nothing before every group is known to be steppable."""
-        for group in self.param_groups:  # settings edited in a group after construction, e.g. lr = "0.1"
-            self._validate_hyperparameters(group)
+        self._check_groups()
         work = [(group, self._params_with_grad(group)) for group in self.param_groups]
         for group, params in work:
             self._implementation(group, params)
@@ -449,6 +454,7 @@ class SophiaBase(Optimizer):
         estimate holds inf or nan is skipped (its EMA is unchanged), counted in
         ``diagnostics()['hessian_skipped']``, and a warning is issued the first time.
         """
+        self._check_groups()
         if (bs is None) == (estimates is None):
             raise ValueError("update_hessian needs exactly one of bs (the number of predictions the "
                              "sampled-label loss averaged over) or estimates")

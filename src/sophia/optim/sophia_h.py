@@ -130,6 +130,7 @@ class SophiaH(SophiaBase):
 
     def update_hessian(self, bs: int | None = None, *, estimates=None) -> None:  # noqa: D102
         if estimates is not None and bs is None:
+            self._check_groups()
             resolved = self._resolve_estimates(estimates)  # once: validated, then folded
             self._fold_estimates(resolved)
             self._supplied.update(id(p) for p in resolved)
