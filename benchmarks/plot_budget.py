@@ -1,6 +1,9 @@
-"""The verdict against the budget: each optimizer's final validation loss (mean and seed range) and its
-speed relative to AdamW, from finished `sophia bench converge` sweeps of one preset at several step
-budgets. Writes budget.png and budget.md into OUT.
+"""The verdict against the budget, or against the batch size: from finished `sophia bench converge` sweeps
+of one preset, each optimizer's final validation loss (mean and seed range) and its speed relative to
+AdamW. Sweeps at several step budgets (the default): budget.png, budget.md and budget.json in OUT.
+Sweeps at one step budget and several batch sizes (`--by batch`): batch.png, batch.md and batch.json,
+with the steps each optimizer needs to common target losses against the tokens per step (the
+batch-scaling curve) and the usual comparison at each batch size.
 
 Speed relative to AdamW, one number per optimizer and budget (AdamW = 1): where the optimizer's mean
 curve reaches AdamW's final loss at step s within the budget B, B / s (above 1: faster); where it does
@@ -9,15 +12,23 @@ slower; 0.63 means AdamW needed 63% of the steps). Forward/backward passes, Hess
 give the second column of the table the same way.
 
     python benchmarks/plot_budget.py OUT benchmarks/results/converge-tiny benchmarks/results/converge-tiny-1000 ...
+    python benchmarks/plot_budget.py --by batch OUT benchmarks/results/converge-tiny-b1024 ...
+
+Against the batch size, targets common to every sweep: the worst final mean loss of any optimizer at any
+batch size (every mean curve reaches it) and AdamW's worst (tighter). Steps to a target are read off the
+mean curve over the fresh seeds, interpolated between evaluations. With perfect batch scaling a doubled
+batch halves them: the "per doubling" factor is 2 there and 1 where the batch no longer helps.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
-from sophia.bench.converge import NAMES
+from sophia.bench.converge import NAMES, Setting, crossing, mean_curve
 from sophia.plotting import finish_axes, pyplot, save
 
 
@@ -92,5 +103,185 @@ def main(out: str, *dirs: str) -> None:
     print("\n".join(lines))
 
 
+# -- against the batch size --------------------------------------------------------------------------------
+def _train_tokens(spec: dict) -> int | None:
+    """Tokens in the training split the sweep read (from its data's meta.json), for epochs."""
+    from sophia.lm.config import resolve_config
+
+    cfg = resolve_config(spec["preset"], spec["optimizers"][0], dict(spec.get("model", {})))
+    for meta in Path(spec["data_root"]).glob(f"{cfg.corpus}-*/meta.json"):
+        m = json.loads(meta.read_text())
+        if m.get("tokenizer") == cfg.tokenizer:
+            return m["train_tokens"]
+    return None
+
+
+def _seed_signals(sweep: Path, opt: str, o: dict, seeds: int) -> dict:
+    """Per fresh seed: SophiaG's win rate (mean over the logged steps after warm-up, and at the end) from the runs'
+    own metrics.jsonl, and the largest attention logit at the end (from the sweep's results)."""
+    out: dict = {"win_rate_mean": [], "win_rate_final": [],
+                 "max_logit": list((o.get("attention") or {}).get("max_logit", []))}
+    for seed in range(1, seeds + 1):
+        run = sweep / "runs" / Setting(opt, o["best_lr"], o.get("best_rho"), seed).name / "metrics.jsonl"
+        if not run.exists():
+            continue
+        events = [json.loads(line) for line in run.read_text().splitlines() if line.strip()]
+        start = next((e for e in events if e.get("event") == "start"), {})
+        warmup = start.get("config", {}).get("warmup_steps", 0)
+        rates = [e["win_rate"] for e in events if e.get("event") == "train" and "win_rate" in e
+                 and e["step"] > warmup]
+        summary = next((e for e in events if e.get("event") == "summary"), {})
+        if rates:
+            out["win_rate_mean"].append(statistics.fmean(rates))
+        if "win_rate" in summary:
+            out["win_rate_final"].append(summary["win_rate"])
+    return out
+
+
+def batch_collect(dirs: list[str]) -> tuple[list[dict], dict[str, float]]:
+    sweeps = []
+    for d in dirs:
+        r = json.loads((Path(d) / "results.json").read_text())
+        sweeps.append((Path(d), r["spec"], r["analysis"]))
+    finals = [o["final_mean"] for _, _, a in sweeps for o in a["optimizers"].values() if math.isfinite(o["final_mean"])]
+    adamw = [a["optimizers"]["adamw"]["final_mean"] for _, _, a in sweeps if "adamw" in a["optimizers"]]
+    targets = {"worst final loss": max(finals)}
+    if adamw and math.isfinite(max(adamw)):
+        targets["AdamW's worst final loss"] = max(adamw)
+    rows = []
+    for path, spec, a in sweeps:
+        train_tokens = _train_tokens(spec)
+        for name, o in a["optimizers"].items():
+            curve = mean_curve(o["runs"])
+            end = curve[-1]
+            row = {"sweep": path.name, "preset": spec["preset"], "steps": spec["steps"],
+                   "tokens_per_step": spec["tokens_per_step"],
+                   "epochs": spec["steps"] * spec["tokens_per_step"] / train_tokens if train_tokens else None,
+                   "optimizer": name, "lr": o["best_lr"], "rho": o.get("best_rho"), "mean": o["final_mean"],
+                   "sd": o["final_sd"], "min": o["final_min"], "max": o["final_max"], "seeds": len(o["finals"]),
+                   "passes": end["train_passes"] + end["hessian_passes"], "to_targets": {}}
+            for label, t in targets.items():
+                c = crossing(curve, t) if math.isfinite(o["final_mean"]) else None
+                row["to_targets"][label] = {"steps": c["steps"], "passes": c["passes"]} if c else None
+            if name != a["reference"]:
+                vs = o.get("vs_ref") or {}
+                row["diff"], row["welch_t"] = vs.get("diff"), vs.get("welch_t")
+                ref_reach = (o.get("reference_to_this_loss") or {})
+                row["adamw_reaches_its_loss"] = {k: (ref_reach.get(k) or {}).get("ratio") for k in ("steps", "passes")}
+                tt = o.get("to_target") or {}
+                row["reaches_adamws_loss"] = {k: (tt.get(k) or {}).get("speedup") for k in ("steps", "passes")} \
+                    if o.get("reached") else None
+            row.update(_seed_signals(path, name, o, spec["seeds"]))
+            rows.append(row)
+    return rows, targets
+
+
+def _fmt(x: float | None, spec: str, none: str = "-") -> str:
+    return none if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _mean_of(xs: list[float]) -> float | None:
+    return statistics.fmean(xs) if xs else None
+
+
+def batch_main(out: str, *dirs: str) -> None:
+    rows, targets = batch_collect(list(dirs))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [n for n in NAMES if any(r["optimizer"] == n for r in rows)]
+    plt = pyplot()
+    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for (label, _), style in zip(targets.items(), ("-", "--")):
+        for i, name in enumerate(names):
+            mine = sorted((r for r in rows if r["optimizer"] == name and r["to_targets"][label]),
+                          key=lambda r: r["tokens_per_step"])
+            if mine:
+                ax_t.plot([r["tokens_per_step"] for r in mine], [r["to_targets"][label]["steps"] for r in mine],
+                          style, marker="o", color=f"C{i}", label=f"{NAMES[name]}: {label} ({targets[label]:.3f})")
+        if style == "-":  # perfect scaling from the smallest batch of the first optimizer
+            first = sorted((r for r in rows if r["optimizer"] == names[0] and r["to_targets"][label]),
+                           key=lambda r: r["tokens_per_step"])
+            if first:
+                b0, s0 = first[0]["tokens_per_step"], first[0]["to_targets"][label]["steps"]
+                xs = [r["tokens_per_step"] for r in first]
+                ax_t.plot(xs, [s0 * b0 / b for b in xs], ":", color="grey", lw=1, label="perfect scaling")
+    ax_t.set_xscale("log", base=2)
+    ax_t.set_yscale("log")
+    ref = "adamw"
+    for i, name in enumerate(names):
+        if name == ref:
+            continue
+        mine = sorted((r for r in rows if r["optimizer"] == name), key=lambda r: r["tokens_per_step"])
+        refs = {r["sweep"]: r for r in rows if r["optimizer"] == ref}
+        pts = [(r["tokens_per_step"], r["mean"] / refs[r["sweep"]]["mean"]) for r in mine if r["sweep"] in refs]
+        ax_r.plot(*zip(*pts), marker="o", color=f"C{i}", label=f"{NAMES[name]} / AdamW, final loss")
+        steps = [(r["tokens_per_step"], r["adamw_reaches_its_loss"]["steps"]) for r in mine
+                 if r.get("adamw_reaches_its_loss", {}).get("steps")]
+        if steps:
+            ax_r.plot(*zip(*steps), "--", marker="s", color=f"C{i}",
+                      label=f"AdamW's steps to {NAMES[name]}'s loss / {NAMES[name]}'s")
+    ax_r.axhline(1.0, color="grey", lw=0.8)
+    ax_r.set_xscale("log", base=2)
+    preset = rows[0]["preset"] if rows else "?"
+    steps = rows[0]["steps"] if rows else "?"
+    finish_axes(ax_t, "tokens per step", "steps to the target loss (mean curve)",
+                f"{preset}, {steps} steps: steps to a common loss against the batch")
+    finish_axes(ax_r, "tokens per step", "ratio", "SophiaG against AdamW at each batch size")
+    save(fig, out_dir / "batch.png")
+
+    cmd = f"python benchmarks/plot_budget.py --by batch {out} {' '.join(dirs)}"
+    lines = [f"# `{preset}`: the verdict against the batch size ({steps} steps at every size)", "", f"    {cmd}", "",
+             "Each batch size is its own tuning (lr grid at seed 0 with the edge rule, rho fixed, then fresh seeds); "
+             "every sweep evaluates on the same validation windows. See the module docstring of "
+             "benchmarks/plot_budget.py for the targets and the per-doubling factor.", "",
+             "## Final loss at each batch size", "",
+             "| tokens/step | epochs | optimizer | lr (rho) | final val loss, mean ± sd | seed range | vs AdamW | "
+             "Welch t | AdamW reaches its loss at (steps / passes) | it reaches AdamW's at | SophiaG win rate "
+             "(mean after warm-up / end) | largest attention logit |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    order = list(NAMES)
+    for r in sorted(rows, key=lambda r: (r["tokens_per_step"], order.index(r["optimizer"]))):
+        setting = f"{r['lr']:g}" + (f" ({r['rho']:g})" if r["rho"] is not None else "")
+        ar = r.get("adamw_reaches_its_loss") or {}
+        reach = r.get("reaches_adamws_loss")
+        wr = (f"{_fmt(_mean_of(r['win_rate_mean']), '.3f')} / {_fmt(_mean_of(r['win_rate_final']), '.3f')}"
+              if r["win_rate_final"] else "")
+        lines.append(
+            f"| {r['tokens_per_step']:,} | {_fmt(r['epochs'], '.2f')} | {NAMES[r['optimizer']]} | {setting} | "
+            f"{r['mean']:.3f} ± {r['sd']:.3f} | {r['min']:.3f}-{r['max']:.3f} | "
+            f"{_fmt(r.get('diff'), '+.3f', '')} | {_fmt(r.get('welch_t'), '.1f', '')} | "
+            + (f"{_fmt(ar.get('steps'), '.2f')}x / {_fmt(ar.get('passes'), '.2f')}x" if ar else "")
+            + " | " + (f"{_fmt(reach.get('steps'), '.2f')}x / {_fmt(reach.get('passes'), '.2f')}x" if reach else
+                       ("not within its budget" if "diff" in r else ""))
+            + f" | {wr} | {_fmt(_mean_of(r['max_logit']), '.0f')} |")
+    for label, t in targets.items():
+        lines += ["", f"## Steps to {label}: {t:.4f}", "",
+                  "| tokens/step | " + " | ".join(f"{NAMES[n]} steps | per doubling" for n in names) + " |",
+                  "|---:|" + "---:|---:|" * len(names)]
+        sizes = sorted({r["tokens_per_step"] for r in rows})
+        prev: dict[str, float | None] = {}
+        for b in sizes:
+            cells = []
+            for n in names:
+                r = next((r for r in rows if r["optimizer"] == n and r["tokens_per_step"] == b), None)
+                s_ = (r["to_targets"][label] or {}).get("steps") if r else None
+                factor = prev.get(n) / s_ if prev.get(n) and s_ else None
+                cells.append(f"{_fmt(s_, '.0f', 'not reached')} | {_fmt(factor, '.2f')}")
+                prev[n] = s_
+            lines.append(f"| {b:,} | " + " | ".join(cells) + " |")
+    lines += ["", "Plot: `batch.png` (left: steps to each target against tokens per step, log-log, with perfect "
+              "scaling dotted; right: SophiaG's final loss over AdamW's, and AdamW's steps to SophiaG's loss over "
+              "SophiaG's)."]
+    (out_dir / "batch.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "batch.json").write_text(json.dumps({"command": cmd, "targets": targets, "rows": rows}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    args = sys.argv[1:]
+    if args[:2] == ["--by", "batch"]:
+        batch_main(*args[2:])
+    elif args[:2] == ["--by", "budget"]:
+        main(*args[2:])
+    else:
+        main(*args)
