@@ -45,7 +45,7 @@ def test_update_matches_float64_reference(cls, impl):
     torch.manual_seed(1)
     shapes = [[(3, 4), (5,)], [(2, 2, 2), (0,)]]  # a zero-size parameter included
     groups = [dict(params=_params(s), **kw) for s, kw in zip(shapes, GROUP_SETTINGS)]
-    extra = dict(update_period=10 ** 6) if cls is SophiaH else {}  # refreshes given explicitly
+    extra = dict(hessian_interval=10 ** 6) if cls is SophiaH else {}  # refreshes given explicitly
     opt = cls(groups, lr=1.0, eps=1e-12, **extra, **impl)
     ref = {id(p): (p.detach().clone(), torch.zeros_like(p), torch.zeros_like(p))
            for g in groups for p in g["params"]}
@@ -132,7 +132,7 @@ def test_compiled_float32_close_to_eager():
 def test_first_steps_are_sign_momentum_and_scheduler_drives_lr(cls):
     # h = 0 before any refresh: every coordinate is clipped, the step is exactly lr_t * sign(m).
     p = torch.randn(50, dtype=torch.float64, requires_grad=True)
-    opt = cls([p], lr=0.1, weight_decay=0.0, **({"update_period": 100} if cls is SophiaH else {}))
+    opt = cls([p], lr=0.1, weight_decay=0.0, **({"hessian_interval": 100} if cls is SophiaH else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
     for t in range(5):
         p.grad = torch.randn_like(p)
@@ -150,7 +150,7 @@ def test_goes_downhill_on_a_small_model(cls):
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     opt = cls(model.parameters(), lr=1e-2, weight_decay=0.0,
-              **({"update_period": 5} if cls is SophiaH else {}))
+              **({"hessian_interval": 5} if cls is SophiaH else {}))
     first = F.cross_entropy(model(x), y).item()
     for t in range(60):
         loss = F.cross_entropy(model(x), y)
@@ -172,7 +172,7 @@ def test_sophiah_folds_the_estimate_on_the_step_that_computes_it():
     lam = torch.tensor([0.5, 2.0, 8.0], dtype=torch.float64)
     x = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
     k, b1, b2, rho, lr = 3, 0.9, 0.8, 0.5, 0.05
-    opt = SophiaH([x], lr=lr, betas=(b1, b2), rho=rho, weight_decay=0.0, update_period=k)
+    opt = SophiaH([x], lr=lr, betas=(b1, b2), rho=rho, weight_decay=0.0, hessian_interval=k)
     rp, rm, rh = x.detach().clone(), torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     for t in range(1, 12):
         due = opt.hessian_due()
@@ -192,7 +192,7 @@ def test_sophiah_folds_the_estimate_on_the_step_that_computes_it():
 
 def test_sophiah_without_graph_raises_and_changes_nothing():
     x = torch.randn(4, requires_grad=True)
-    opt = SophiaH([x], update_period=1)
+    opt = SophiaH([x], hessian_interval=1)
     x.grad = torch.randn(4)
     opt.step()  # step 1: no refresh due
     assert opt.hessian_due()
@@ -207,7 +207,7 @@ def test_sophiah_without_graph_raises_and_changes_nothing():
 def test_sophiah_closure_estimator_path_needs_no_create_graph():
     lam = torch.tensor([1.0, 10.0], dtype=torch.float64)
     x = torch.tensor([1.0, 1.0], dtype=torch.float64, requires_grad=True)
-    opt = SophiaH([x], betas=(0.9, 0.5), update_period=1)
+    opt = SophiaH([x], betas=(0.9, 0.5), hessian_interval=1)
     from sophia import hutchinson
 
     def loss_fn(ps):
@@ -227,7 +227,7 @@ def test_sophiah_closure_estimator_path_needs_no_create_graph():
 def test_sophiah_maximize_uses_curvature_of_negated_objective():
     lam = torch.tensor([2.0, 4.0], dtype=torch.float64)
     x = torch.tensor([1.0, 1.0], dtype=torch.float64, requires_grad=True)
-    opt = SophiaH([x], betas=(0.9, 0.0), update_period=1, maximize=True)
+    opt = SophiaH([x], betas=(0.9, 0.0), hessian_interval=1, maximize=True)
     for _ in range(2):
         (-0.5 * (lam * x * x).sum()).backward(create_graph=opt.hessian_due())
         opt.step()
@@ -254,7 +254,7 @@ def _train(model, opt, steps, data_seed, refresh_every=3):
 def test_state_dict_round_trip_then_both_continue_bitwise_equal(cls):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    extra = dict(update_period=2) if cls is SophiaH else {}
+    extra = dict(hessian_interval=2) if cls is SophiaH else {}
     opt = cls([{"params": model[0].parameters(), "lr": 1e-2},
                {"params": model[2].parameters(), "rho": 0.2, "weight_decay": 0.0}], lr=3e-3, **extra)
     _train(model, opt, 7, data_seed=1)
@@ -330,7 +330,7 @@ def test_bf16_parameters_step_like_float64_then_rounded(cls):
     torch.manual_seed(0)
     p = torch.randn(300).to(torch.bfloat16).requires_grad_(True)
     lr, wd, b1, rho = 1e-2, 0.1, 0.965, 0.04
-    opt = cls([p], lr=lr, weight_decay=wd, rho=rho, **(dict(update_period=10 ** 6) if cls is SophiaH else {}))
+    opt = cls([p], lr=lr, weight_decay=wd, rho=rho, **(dict(hessian_interval=10 ** 6) if cls is SophiaH else {}))
     for t in range(12):
         p.grad = torch.randn(300).to(torch.bfloat16)
         st = opt.state.get(p, {})
@@ -388,7 +388,7 @@ def test_bad_arguments_raise_value_error_naming_them(cls, name, kwargs):
         cls([torch.zeros(2, requires_grad=True)], **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [dict(update_period=0), dict(update_period=2.5),
+@pytest.mark.parametrize("kwargs", [dict(hessian_interval=0), dict(hessian_interval=2.5),
                                     dict(distribution="uniform")])
 def test_sophiah_bad_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -488,7 +488,7 @@ def test_heterogeneous_curvature_sophia_needs_far_fewer_steps_than_tuned_adam():
                                                           weight_decay=0.0), lr, True, lam, x0, target)
             for b1 in b1s for lr in lrs)
     h = min(_steps_to_target(lambda p, lr, b1=b1: SophiaH(p, lr=lr, rho=1.0, betas=(b1, 0.0), weight_decay=0.0,
-                                                          update_period=1), lr, False, lam, x0, target)
+                                                          hessian_interval=1), lr, False, lam, x0, target)
             for b1 in b1s for lr in lrs)
     assert math.isfinite(adam) and adam >= 15, adam  # tuned Adam does converge, but slowly
     assert 3 * g <= adam, (g, adam)
@@ -570,7 +570,7 @@ def _half_trajectory(cls, impl, dtype, steps=24):
     gen = torch.Generator().manual_seed(5)
     p = torch.nn.Parameter(torch.randn(257, generator=gen).to(dtype))
     lr, wd, b1, rho = 2e-2, 0.1, 0.9, 0.05
-    extra = dict(update_period=10 ** 6) if cls is SophiaH else {}
+    extra = dict(hessian_interval=10 ** 6) if cls is SophiaH else {}
     opt = cls([p], lr=lr, weight_decay=wd, rho=rho, betas=(b1, 0.99), **extra, **impl)
     mismatched = 0
     for t in range(steps):
@@ -646,3 +646,99 @@ def test_compiled_update_takes_more_variants_than_dynamos_default_limit():
         sophia_update(*lists, lr=0.1, beta1=0.9, rho=0.1, weight_decay=0.0, eps=1e-12, maximize=i % 2 == 1,
                       implementation="compiled")
         assert all(torch.isfinite(t).all() for t in lists[0])
+
+
+# -- the refresh schedule belongs to the optimizer -------------------------------------------------
+def _quadratic_step(opt, p, g=None):
+    p.grad = torch.ones_like(p) if g is None else g
+    opt.step()
+    p.grad = None
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_sophiag_is_due_a_refresh_after_steps_k_2k_until_one_is_folded(k):
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = SophiaG([p], hessian_interval=k)
+    due_after = []
+    for step in range(1, 3 * k + 2):
+        assert not (step > 1 and opt.hessian_due()), "a refresh left due before the step"
+        _quadratic_step(opt, p)
+        assert opt.steps == step
+        if opt.hessian_due():
+            due_after.append(step)
+            p.grad = torch.ones_like(p)
+            opt.update_hessian(bs=4)
+            p.grad = None
+            assert not opt.hessian_due()
+    assert due_after == [s for s in range(1, 3 * k + 2) if s % k == 0]
+    assert opt.hessian_updates == len(due_after)
+
+
+def test_a_step_without_gradients_does_not_advance_the_clock():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = SophiaG([p], hessian_interval=2)
+    _quadratic_step(opt, p)
+    opt.step()  # no gradient anywhere: nothing updated, as torch's optimizers
+    assert opt.steps == 1 and not opt.hessian_due()
+
+
+def test_the_schedule_survives_a_state_dict_and_a_deepcopy():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = SophiaG([p], hessian_interval=4)
+    for _ in range(4):
+        _quadratic_step(opt, p)
+    assert opt.hessian_due()
+    q = torch.nn.Parameter(torch.ones(3))
+    other = SophiaG([q], hessian_interval=4)
+    other.load_state_dict(opt.state_dict())
+    assert other.steps == 4 and other.hessian_due()
+    assert copy.deepcopy(opt).hessian_due()
+    p.grad = torch.ones(3)
+    opt.update_hessian(bs=2)
+    other.load_state_dict(opt.state_dict())
+    assert not other.hessian_due() and other.hessian_updates == 1
+
+
+def test_a_state_dict_saved_before_the_optimizer_kept_its_clock_continues_the_schedule():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = SophiaG([p], hessian_interval=5)
+    for step in range(1, 13):
+        _quadratic_step(opt, p)
+        if step % 5 == 0:
+            p.grad = torch.ones(3)
+            opt.update_hessian(bs=2)
+            p.grad = None
+    old = opt.state_dict()
+    for key in ("steps", "refreshed_at"):
+        del old["sophia_counters"][key]
+    del old["param_groups"][0]["hessian_interval"]  # as saved before SophiaG had one: the default, 10
+    q = torch.nn.Parameter(torch.ones(3))
+    resumed = SophiaG([q], hessian_interval=5)
+    resumed.load_state_dict(old)
+    assert resumed.steps == 12 and resumed.param_groups[0]["hessian_interval"] == 10
+    resumed.param_groups[0]["hessian_interval"] = 5
+    for _ in range(13, 16):
+        _quadratic_step(resumed, q)
+    assert resumed.hessian_due()  # after step 15
+
+
+def test_sophiah_update_period_is_the_old_name_of_hessian_interval():
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.warns(DeprecationWarning, match="hessian_interval"):
+        opt = SophiaH([p], update_period=3)
+    assert opt.param_groups[0]["hessian_interval"] == 3 and "update_period" not in opt.param_groups[0]
+    with pytest.raises(ValueError, match="disagree"):
+        SophiaH([p], update_period=3, hessian_interval=4)
+    with pytest.warns(DeprecationWarning, match="hessian_interval"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "update_period": 7})
+    assert opt.param_groups[1]["hessian_interval"] == 7
+    # a state dict saved before the rename loads, its period kept
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        g["update_period"] = g.pop("hessian_interval")
+    del sd["sophia_optimizer"]
+    fresh = SophiaH([torch.nn.Parameter(torch.ones(3))])
+    fresh.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})
+    fresh.load_state_dict(sd)
+    assert [g["hessian_interval"] for g in fresh.param_groups] == [3, 7]
+    assert all("update_period" not in g for g in fresh.param_groups)

@@ -77,11 +77,11 @@ def test_refused_param_group_is_not_added_and_never_stepped(cls, name, bad):
     assert torch.equal(extra.detach(), torch.ones(5, dtype=torch.float64)) and extra not in opt.state
 
 
-def test_sophiah_refused_update_period_is_not_added():
+def test_sophiah_refused_hessian_interval_is_not_added():
     opt, _ = _trained(SophiaH)
     snap = _snapshot(opt)
-    with pytest.raises(ValueError, match="update_period"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "update_period": 0})
+    with pytest.raises(ValueError, match="hessian_interval"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "hessian_interval": 0})
     _assert_unchanged(opt, snap)
 
 
@@ -143,12 +143,12 @@ def test_state_dict_with_invalid_setting_is_refused_and_nothing_changes(cls, nam
     assert all(torch.equal(a, b) for a, b in zip(_continue(opt, params), _continue(twin, twin_params)))
 
 
-def test_sophiah_state_dict_with_invalid_update_period_is_refused_and_nothing_changes():
+def test_sophiah_state_dict_with_invalid_hessian_interval_is_refused_and_nothing_changes():
     source, _ = _trained(SophiaH, seed=1)
     opt, _ = _trained(SophiaH)
     snap = _snapshot(opt)
-    with pytest.raises(ValueError, match="update_period"):
-        opt.load_state_dict(_edited(source.state_dict(), update_period=0))
+    with pytest.raises(ValueError, match="hessian_interval"):
+        opt.load_state_dict(_edited(source.state_dict(), hessian_interval=0))
     _assert_unchanged(opt, snap)
 
 
@@ -296,7 +296,7 @@ def test_sophiag_and_sophiah_refuse_each_others_state_dicts(source_cls, target_c
     with pytest.raises(ValueError, match=f"saved by {source_cls.__name__}.*Nothing was changed"):
         opt.load_state_dict(sd)
     _assert_unchanged(opt, snap)
-    assert all("update_period" not in g for g in opt.param_groups) == (target_cls is SophiaG)
+    assert all("distribution" not in g for g in opt.param_groups) == (target_cls is SophiaG)
     twin, twin_params = _trained(target_cls)
     assert all(torch.equal(a, b) for a, b in zip(_continue(opt, params), _continue(twin, twin_params)))
 
@@ -355,7 +355,7 @@ def _roundtrips():
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 @pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "trained"])
 def test_copies_of_the_optimizer_keep_counters_and_continue_like_the_original(cls, how, fresh):
-    extra = dict(generator=torch.Generator().manual_seed(3), update_period=2) if cls is SophiaH else {}
+    extra = dict(generator=torch.Generator().manual_seed(3), hessian_interval=2) if cls is SophiaH else {}
     opt, params = _trained(cls, steps=0 if fresh else 4, **extra)
     clone = _roundtrips()[how]((opt, params))
     copy_opt, copy_params = clone
@@ -388,7 +388,7 @@ def test_copies_of_the_optimizer_keep_counters_and_continue_like_the_original(cl
 # -- messages that name the real problem -----------------------------------------------------------
 def test_sophiah_on_a_linear_loss_with_create_graph_does_not_blame_create_graph_alone():
     p = torch.nn.Parameter(torch.ones(3))
-    opt = SophiaH([p], update_period=1)
+    opt = SophiaH([p], hessian_interval=1)
     for _ in range(2):
         (p * torch.tensor([1.0, 2.0, 3.0])).sum().backward(create_graph=True)  # the user did pass it
         if opt.hessian_due():

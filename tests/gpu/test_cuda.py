@@ -33,7 +33,7 @@ def test_float64_on_cuda_matches_formula_on_cpu(cls, impl):
     cpu = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     params = [c.cuda().requires_grad_(True) for c in cpu]
     lr, b1, b2, rho, wd, eps = 0.01, 0.9, 0.95, 0.05, 0.1, 1e-12
-    extra = dict(update_period=10 ** 6) if cls is SophiaH else {}
+    extra = dict(hessian_interval=10 ** 6) if cls is SophiaH else {}
     opt = cls(params, lr=lr, betas=(b1, b2), rho=rho, weight_decay=wd, eps=eps, **extra, **IMPLS[impl])
     ref = [(c.clone(), torch.zeros_like(c), torch.zeros_like(c)) for c in cpu]
     for t in range(25):

@@ -211,3 +211,21 @@ def test_the_default_logits_fn_on_an_inputs_labels_batch_says_what_to_pass(tmp_p
     with pytest.raises(TypeError, match=r"default logits_fn calls pl_module\(batch\).*batch of 2 items"
                                         r".*logits_fn=lambda module, batch"):
         trainer.fit(ex.TinyLM(), data)
+
+
+def test_the_callback_takes_the_optimizers_interval_when_given_none(tmp_path):
+    L.seed_everything(0, verbose=False)
+
+    class Every3(ex.TinyLM):
+        def configure_optimizers(self):
+            config = super().configure_optimizers()
+            opt = config["optimizer"] if isinstance(config, dict) else config
+            for group in opt.param_groups:
+                group["hessian_interval"] = 3
+            return config
+
+    callback = SophiaCallback(logits_fn=ex.logits_and_labels)
+    trainer = ex.make_trainer(str(tmp_path), callback=callback, max_epochs=1)
+    trainer.fit(Every3(), DataLoader(ex.counting_data(56), batch_size=8, shuffle=False))
+    assert trainer.global_step == 7 and [s for s, _ in callback.refreshes] == [3, 6]
+    assert callback.hessian_interval == 3

@@ -108,7 +108,7 @@ def test_optimizer_uses_trainers_lr_decay_split_and_sophias_betas(tmp_path):
 
 def test_a_sophia_optimizer_passed_in_is_used_as_given(tmp_path):
     trainer = ex.build_trainer(str(tmp_path), max_steps=4, hessian_interval=2, n_examples=32)
-    mine = SophiaG(trainer.model.parameters(), lr=1e-3, rho=0.02)
+    mine = SophiaG(trainer.model.parameters(), lr=1e-3, rho=0.02, hessian_interval=2)
     given = SophiaTrainer(model=trainer.model, args=trainer.args, train_dataset=trainer.train_dataset,
                           data_collator=ex.collate, optimizers=(mine, None), hessian_interval=2)
     given.train()
@@ -239,3 +239,18 @@ def test_bf16_autocast_on_cpu_refreshes_with_finite_estimates(tmp_path):
     assert opt.hessian_updates == 2 and opt.hessian_skipped == 0
     hs = torch.cat([s["hessian"].flatten() for s in opt.state.values()])
     assert torch.isfinite(hs).all() and (hs >= 0).all() and hs.sum() > 0
+
+
+def test_the_optimizer_keeps_the_schedule_and_a_conflicting_interval_is_refused(tmp_path):
+    trainer = ex.build_trainer(str(tmp_path), max_steps=4, hessian_interval=2, n_examples=32)
+    assert trainer.create_optimizer().param_groups[0]["hessian_interval"] == 2
+    own = SophiaG(trainer.model.parameters(), lr=1e-3, hessian_interval=3)
+    follows = SophiaTrainer(model=trainer.model, args=trainer.args, train_dataset=trainer.train_dataset,
+                            data_collator=ex.collate, optimizers=(own, None))  # no hessian_interval: the optimizer's
+    follows.train()
+    assert [s for s, _ in follows.hessian_refreshes] == [3] and own.hessian_updates == 1
+    clash = SophiaTrainer(model=trainer.model, args=trainer.args, train_dataset=trainer.train_dataset,
+                          data_collator=ex.collate, hessian_interval=2,
+                          optimizers=(SophiaG(trainer.model.parameters(), hessian_interval=5), None))
+    with pytest.raises(ValueError, match=r"refreshes every \[5\] steps.*hessian_interval=2"):
+        clash.train()

@@ -66,8 +66,8 @@ def _default_logits_fn(pl_module: Any, batch: Any) -> Tensor:
 class SophiaCallback(Callback):
     """Refreshes a SophiaG's Hessian estimate on the authors' schedule inside ``lightning.Trainer``.
 
-    After every k-th optimizer step (``trainer.global_step % k == 0``; with
-    ``accumulate_grad_batches`` the step counts once per accumulated batch) the refresh runs
+    After every k-th optimizer step (the optimizer's ``hessian_due()``, which it is given ``hessian_interval``
+    for; with ``accumulate_grad_batches`` the step counts once per accumulated batch) the refresh runs
     the model on the same batches that step was trained on, samples labels from its output,
     back-propagates the mean cross-entropy over all N predictions (every batch of the step, every
     rank), clips it, and folds in ``update_hessian(bs=N)``. The training gradients still in
@@ -75,7 +75,8 @@ class SophiaCallback(Callback):
     back unchanged.
 
     Args:
-        hessian_interval: k, the optimizer steps between refreshes.
+        hessian_interval: k, the optimizer steps between refreshes: set on the optimizer, which keeps the
+            schedule. ``None`` (default): the optimizer's own (``SophiaG(hessian_interval=...)``, 10 by default).
         logits_fn: ``logits_fn(pl_module, batch)`` returns the model's logits (``(..., C)``) for
             the batch, or a pair ``(logits, labels)`` whose labels mark the predictions the
             training loss counts: positions equal to ``ignore_index`` are neither sampled nor
@@ -94,12 +95,13 @@ class SophiaCallback(Callback):
     is ``training_step``) and sums gradients and N over ranks. FSDP/DeepSpeed are not supported.
     """
 
-    def __init__(self, hessian_interval: int = 10, logits_fn: LogitsFn | None = None, *,
+    def __init__(self, hessian_interval: int | None = None, logits_fn: LogitsFn | None = None, *,
                  ignore_index: int = -100, max_grad_norm: float | None = None, seed: int | None = None,
                  log_diagnostics: bool = True) -> None:
         super().__init__()
-        if isinstance(hessian_interval, bool) or not isinstance(hessian_interval, int) or hessian_interval < 1:
-            raise ValueError(f"hessian_interval must be an int >= 1, got {hessian_interval!r}")
+        if hessian_interval is not None and (isinstance(hessian_interval, bool) or not isinstance(
+                hessian_interval, int) or hessian_interval < 1):
+            raise ValueError(f"hessian_interval must be None or an int >= 1, got {hessian_interval!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm!r}")
         self.hessian_interval = hessian_interval
@@ -109,7 +111,8 @@ class SophiaCallback(Callback):
         self.seed = seed
         self.log_diagnostics = log_diagnostics
         self.refreshes: list[tuple[int, int]] = []  # (global_step, N) of each refresh in this process
-        self._step_at_batch_start = 0
+        self._steps_at_batch_start = 0
+        self._due_after_this_step = False
         self._window: list[Any] = []
         self._window_step = -1
 
@@ -118,7 +121,8 @@ class SophiaCallback(Callback):
         return {"hessian_interval": self.hessian_interval, "seed": self.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("hessian_interval", self.hessian_interval) != self.hessian_interval:
+        saved = state_dict.get("hessian_interval", self.hessian_interval)
+        if self.hessian_interval is not None and saved is not None and saved != self.hessian_interval:
             raise ValueError(f"the checkpoint was trained with hessian_interval={state_dict['hessian_interval']}, "
                              f"this SophiaCallback has {self.hessian_interval}")
         if self.seed is None:
@@ -132,24 +136,33 @@ class SophiaCallback(Callback):
                             "(SophiaH refreshes itself: see the README's SophiaH section.)")
         if self.seed is None:
             self.seed = torch.initial_seed()
+        optimizer = trainer.optimizers[0]
+        if self.hessian_interval is not None:  # the optimizer keeps the schedule
+            for group in optimizer.param_groups:
+                group["hessian_interval"] = self.hessian_interval
+        else:
+            self.hessian_interval = min(g["hessian_interval"] for g in optimizer.param_groups)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._step_at_batch_start = trainer.global_step
+        optimizer = trainer.optimizers[0]
+        self._steps_at_batch_start = optimizer.steps
+        self._due_after_this_step = optimizer.hessian_due(steps_ahead=1)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        target = self._step_at_batch_start + 1  # the optimizer step this batch was trained for
-        if target % self.hessian_interval == 0:
+        optimizer = trainer.optimizers[0]
+        target = self._steps_at_batch_start + 1  # the optimizer step this batch was trained for
+        if self._due_after_this_step:
             if self._window_step != target:
                 self._window, self._window_step = [], target
             self._window.append(batch)
-        step = trainer.global_step
-        if step == self._step_at_batch_start:
+        if optimizer.steps == self._steps_at_batch_start:
             return  # accumulating: no optimizer step in this batch
-        if step % self.hessian_interval == 0:
+        if optimizer.hessian_due():
             window, self._window = self._window, []
-            if self._window_step != step or not window:
-                raise RuntimeError(f"SophiaCallback: optimizer step {step} is due a Hessian refresh but "
+            if self._window_step != optimizer.steps or not window:
+                raise RuntimeError(f"SophiaCallback: optimizer step {optimizer.steps} is due a Hessian refresh but "
                                    "its batches were not seen")
+            step = trainer.global_step  # the label stream's step, as before the optimizer kept the clock
             self.refreshes.append((step, self.refresh(trainer, pl_module, window, step)))
         if self.log_diagnostics and _writes_logs_now(trainer):
             diagnostics = trainer.optimizers[0].diagnostics()

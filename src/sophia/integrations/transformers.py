@@ -111,7 +111,9 @@ class SophiaTrainer(Trainer):
     Args:
         sophia: ``"sophiag"`` (Gauss-Newton-Bartlett, default) or ``"sophiah"`` (Hutchinson).
         rho: the optimizer's rho (the paper's gamma); ``None`` keeps the optimizer's default.
-        hessian_interval: k, the optimizer steps between Hessian refreshes.
+        hessian_interval: k, the optimizer steps between Hessian refreshes, given to the optimizer, which keeps
+            the schedule (``hessian_due()``). ``None`` (default): 10, or the interval of a Sophia optimizer
+            passed in.
         betas: (b1, b2) of the optimizer; ``None`` keeps Sophia's (0.965, 0.99). Trainer's
             ``adam_beta1``/``adam_beta2`` belong to Adam and are not used.
 
@@ -120,7 +122,7 @@ class SophiaTrainer(Trainer):
     passed in ``optimizers=(opt, scheduler)`` is used as given (it must match ``sophia``).
 
     **SophiaG**: the authors' schedule counted in optimizer steps: after every k-th optimizer
-    step (when ``state.global_step % k == 0``), before Trainer logs or saves, the refresh takes
+    step (when the optimizer's ``hessian_due()``), before Trainer logs or saves, the refresh takes
     the same micro-batches that step was trained on, runs the model on them without their labels,
     samples labels from its output and back-propagates the mean cross-entropy over all N
     predictions of the step (every micro-batch, every rank), clips that gradient at
@@ -144,12 +146,13 @@ class SophiaTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, sophia: str = "sophiag", rho: float | None = None,
-                 hessian_interval: int = 10, betas: tuple[float, float] | None = None,
+                 hessian_interval: int | None = None, betas: tuple[float, float] | None = None,
                  **kwargs: Any) -> None:
         if sophia not in _KINDS:
             raise ValueError(f"sophia must be one of {sorted(_KINDS)}, got {sophia!r}")
-        if isinstance(hessian_interval, bool) or not isinstance(hessian_interval, int) or hessian_interval < 1:
-            raise ValueError(f"hessian_interval must be an int >= 1, got {hessian_interval!r}")
+        if hessian_interval is not None and (isinstance(hessian_interval, bool) or not isinstance(
+                hessian_interval, int) or hessian_interval < 1):
+            raise ValueError(f"hessian_interval must be None or an int >= 1, got {hessian_interval!r}")
         if rho is not None and not (isinstance(rho, (int, float)) and rho >= 0):
             raise ValueError(f"rho must be None or a number >= 0, got {rho!r}")
         self.sophia = sophia
@@ -185,16 +188,19 @@ class SophiaTrainer(Trainer):
                 options["rho"] = self.sophia_rho
             if self.sophia_betas is not None:
                 options["betas"] = tuple(self.sophia_betas)
-            if cls is SophiaH:
-                options["update_period"] = self.hessian_interval
+            options["hessian_interval"] = self.hessian_interval or 10
             self.optimizer = cls([g for g in groups if g["params"]], **options)
         else:
             given = self.sophia_optimizer
             if not isinstance(given, cls):
                 raise ValueError(f"SophiaTrainer(sophia={self.sophia!r}) needs a {cls.__name__}, but the "
                                  f"optimizer passed in is a {type(given).__name__}")
-            if cls is SophiaH and any(g["update_period"] != self.hessian_interval for g in given.param_groups):
-                raise ValueError("the SophiaH passed in has an update_period different from hessian_interval")
+            if self.hessian_interval is not None and any(g["hessian_interval"] != self.hessian_interval
+                                                          for g in given.param_groups):
+                raise ValueError(f"the {cls.__name__} passed in refreshes every "
+                                 f"{sorted({g['hessian_interval'] for g in given.param_groups})} steps "
+                                 f"(its hessian_interval), but SophiaTrainer has hessian_interval="
+                                 f"{self.hessian_interval}; give them the same")
         return self.optimizer
 
     @property
@@ -211,12 +217,14 @@ class SophiaTrainer(Trainer):
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: Tensor | int | None = None) -> Tensor:
         step = self.state.global_step + 1  # the optimizer step this micro-batch is trained for
+        opt = self.sophia_optimizer
         if self.sophia == "sophiag":
-            if step % self.hessian_interval == 0:
-                if self._window_step != step:
-                    self._window, self._window_step = [], step
+            if opt.hessian_due(steps_ahead=1):  # the refresh after this step reads the step's micro-batches
+                target = opt.steps + 1
+                if self._window_step != target:
+                    self._window, self._window_step = [], target
                 self._window.append(inputs)
-        elif self.sophia_optimizer.hessian_due():
+        elif opt.hessian_due():
             self._add_hutchinson_estimate(model, inputs, step)
         return super().training_step(model, inputs, num_items_in_batch)
 
@@ -267,10 +275,10 @@ class SophiaTrainer(Trainer):
     # -- SophiaG: after the optimizer step ------------------------------------------------
     def _after_optimizer_step(self) -> None:
         step = self.state.global_step
-        if self.sophia != "sophiag" or step % self.hessian_interval:
+        if self.sophia != "sophiag" or not self.sophia_optimizer.hessian_due():
             return
         window, self._window, window_step = self._window, [], self._window_step
-        if window_step != step or not window:
+        if window_step != self.sophia_optimizer.steps or not window:
             raise RuntimeError(f"SophiaTrainer: optimizer step {step} is due a Hessian refresh but its "
                                "micro-batches were not seen by training_step (an override that does not "
                                "call super().training_step?)")

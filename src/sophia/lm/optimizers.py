@@ -46,10 +46,10 @@ def build_optimizer(name: str, param_groups: list[dict], s: OptimizerSettings, *
                                  **({"fused": True} if fused else {}), **eps)
     if name == "sophiag":
         return SophiaG(param_groups, lr=s.lr, betas=betas, rho=s.rho, weight_decay=s.weight_decay,
-                       **({"cuda_graph": True} if cuda_graph else {}), **eps)
+                       hessian_interval=s.hessian_interval, **({"cuda_graph": True} if cuda_graph else {}), **eps)
     if name == "sophiah":
         return SophiaH(param_groups, lr=s.lr, betas=betas, rho=s.rho, weight_decay=s.weight_decay,
-                       update_period=s.hessian_interval, **eps)
+                       hessian_interval=s.hessian_interval, **eps)
     if name == "lion":
         from pytorch_optimizer import Lion
 

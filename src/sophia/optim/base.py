@@ -16,7 +16,8 @@ from sophia.optim import functional as F
 
 _COUNTERS_KEY = "sophia_counters"
 _CLASS_KEY = "sophia_optimizer"  # which Sophia saved a state dict: SophiaG and SophiaH refuse each other's
-# The group settings only SophiaH has: a state dict without the class key is told apart by them.
+# The group settings only SophiaH has (update_period: its name for hessian_interval before SophiaG had one): a
+# state dict saved without the class key is told apart by them.
 _SOPHIAH_KEYS = ("update_period", "distribution")
 
 
@@ -77,6 +78,10 @@ def validate_hyperparameters(group: Mapping[str, Any], owner: str) -> None:
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"{owner}: invalid eps {eps!r}: must be finite and > 0 "
                          "(it is the floor of the denominator max(rho * h, eps))")
+    k = group["hessian_interval"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{owner}: invalid hessian_interval {k!r}: must be an int >= 1 (the steps between "
+                         "Hessian refreshes)")
     for flag in ("maximize", "cuda_graph"):
         if not isinstance(group[flag], bool):
             raise ValueError(f"{owner}: {flag} must be a bool, got {group[flag]!r}")
@@ -117,12 +122,12 @@ def _group_tensors(params: Any) -> list[Any]:
     return [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
 
 
-def _counter(counters: Mapping[str, Any], key: str) -> int:
+def _counter(counters: Mapping[str, Any], key: str, minimum: int = 0) -> int:
     value = counters.get(key, 0)
     if isinstance(value, Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not _is_number(value) or value < 0 or value != int(value):
-        raise ValueError(f"the state dict's {_COUNTERS_KEY}[{key!r}] must be a count >= 0, got {value!r}")
+    if isinstance(value, bool) or not _is_number(value) or value < minimum or value != int(value):
+        raise ValueError(f"the state dict's {_COUNTERS_KEY}[{key!r}] must be a count >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -149,7 +154,8 @@ class SophiaBase(Optimizer):
     _kind = "Sophia"
     # Kept by copies and pickles besides torch's defaults, state and param_groups (with their defaults for
     # objects pickled before they were kept).
-    _PICKLED = {"_hessian_updates": 0, "_hessian_skipped": 0, "_warned_nonfinite": False}
+    _PICKLED = {"_hessian_updates": 0, "_hessian_skipped": 0, "_warned_nonfinite": False, "_steps": 0,
+                "_refreshed_at": -1}
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         # The settings first, before params is looked at (as torch's optimizers do).
@@ -157,6 +163,8 @@ class SophiaBase(Optimizer):
         self._hessian_updates = 0
         self._hessian_skipped = 0
         self._warned_nonfinite = False
+        self._steps = 0  # step() calls that updated some parameter: the refresh schedule's clock
+        self._refreshed_at = -1  # the value of _steps at the last refresh folded in (-1: none yet)
         self._graphs: dict[int, F.GraphedUpdate] = {}
         self._warned_moves = False
         super().__init__(params, defaults)
@@ -197,13 +205,19 @@ class SophiaBase(Optimizer):
             if "step" in s and not torch.is_tensor(s["step"]):
                 s["step"] = torch.tensor(float(s["step"]), dtype=torch.float32)
 
+    def _upgrade_group(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """A param group as saved by an older version, in today's keys (SophiaH renames update_period)."""
+        return dict(group)
+
     def _group_setdefaults(self) -> dict[str, Any]:
-        return {"eps": 1e-15, "maximize": False, "foreach": None, "fused": None, "cuda_graph": False}
+        return {"eps": 1e-15, "maximize": False, "foreach": None, "fused": None, "cuda_graph": False,
+                "hessian_interval": 10}
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd[_COUNTERS_KEY] = {"hessian_updates": self._hessian_updates,
-                             "hessian_skipped": self._hessian_skipped}
+                             "hessian_skipped": self._hessian_skipped, "steps": self._steps,
+                             "refreshed_at": self._refreshed_at}
         sd[_CLASS_KEY] = self._kind
         return sd
 
@@ -219,7 +233,7 @@ class SophiaBase(Optimizer):
             raise ValueError(f"the state dict's {_CLASS_KEY} must be a class name, got {saved!r}; nothing was changed")
         if saved != self._kind:
             raise ValueError(f"this state dict was saved by {saved}, and {owner} is a {self._kind}: the two keep "
-                             f"different settings ({', '.join(_SOPHIAH_KEYS)} are SophiaH's) and {owner} loads only "
+                             f"different settings (SophiaH's probe distribution) and {owner} loads only "
                              f"{self._kind} state dicts; build a {saved} to load it. Nothing was changed")
 
     def _check_state_dict(self, state_dict: Any) -> tuple[int, int]:
@@ -242,6 +256,7 @@ class SophiaBase(Optimizer):
                              f"by {owner} (or the authors' SophiaG, after convert_authors_state_dict); "
                              "nothing was changed")
         self._check_same_kind(state_dict)
+        groups = [self._upgrade_group(g) for g in groups]
         if len(groups) != len(self.param_groups):
             raise ValueError(f"the state dict has {len(groups)} param groups, this {owner} has "
                              f"{len(self.param_groups)}; nothing was changed")
@@ -278,21 +293,32 @@ class SophiaBase(Optimizer):
         counters = state_dict.get(_COUNTERS_KEY, {})
         if not isinstance(counters, Mapping):
             raise ValueError(f"the state dict's {_COUNTERS_KEY} must be a dict, got {counters!r}")
-        return _counter(counters, "hessian_updates"), _counter(counters, "hessian_skipped")
+        updates, skipped = _counter(counters, "hessian_updates"), _counter(counters, "hessian_skipped")
+        if "steps" in counters:
+            steps = _counter(counters, "steps")
+            refreshed_at = _counter({"refreshed_at": counters.get("refreshed_at", -1)}, "refreshed_at", minimum=-1)
+        else:  # saved before the optimizer kept its own clock: the parameters' step counts, refreshes on schedule
+            steps = max((int(s["step"].item() if isinstance(s.get("step"), Tensor) else s.get("step", 0))
+                         for s in state_dict["state"].values() if isinstance(s, Mapping)), default=0)
+            k = min(int(g.get("hessian_interval", g.get("update_period", 10))) for g in groups) if groups else 10
+            refreshed_at = (steps // k) * k if steps >= k and updates >= steps // k else -1
+        return updates, skipped, steps, refreshed_at
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by this class; it is checked completely first, so a refused
         one (another optimizer's, another model's, invalid settings) leaves the optimizer as it was."""
-        updates, skipped = self._check_state_dict(state_dict)
+        updates, skipped, steps, refreshed_at = self._check_state_dict(state_dict)
         state_dict = dict(state_dict)
         state_dict.pop(_COUNTERS_KEY, None)
         state_dict.pop(_CLASS_KEY, None)
+        state_dict["param_groups"] = [self._upgrade_group(g) for g in state_dict["param_groups"]]
         self._graphs.clear()  # new state tensors: captured graphs would write to the old ones
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key, value in self._group_setdefaults().items():  # dicts saved before a setting existed
                 group.setdefault(key, value)
         self._hessian_updates, self._hessian_skipped = updates, skipped
+        self._steps, self._refreshed_at = steps, refreshed_at
 
     # -- state ----------------------------------------------------------------------------
     def _state_for(self, p: Tensor) -> dict[str, Any]:
@@ -433,6 +459,7 @@ class SophiaBase(Optimizer):
                 F.hessian_ema([self._state_for(p)["hessian"] for p in sel],
                               [estimates[p] for p in sel], beta2)
         self._hessian_updates += 1
+        self._refreshed_at = self._steps
 
     @torch.no_grad()
     def update_hessian(self, bs: int | None = None, *,
@@ -490,6 +517,7 @@ class SophiaBase(Optimizer):
                 F.hessian_ema_from_grads([self._state_for(p)["hessian"] for p in sel],
                                          [p.grad for p in sel], beta2, float(bs))
         self._hessian_updates += 1
+        self._refreshed_at = self._steps
 
     # -- diagnostics ----------------------------------------------------------------------
     @torch.no_grad()
@@ -522,6 +550,23 @@ class SophiaBase(Optimizer):
             return 0.0
         return float(torch.linalg.vector_norm(
             torch.stack([_global_scalar(torch.linalg.vector_norm(h.double())).cpu() for h in hs])))
+
+    def hessian_due(self, steps_ahead: int = 0) -> bool:
+        """Whether a Hessian refresh is due now, between the step just taken and the next: after steps k, 2k,
+        ... (k = ``hessian_interval``; the authors' schedule), until one is folded in. A training loop asks
+        this instead of keeping its own counter; the clock is saved in the state dict.
+
+        ``steps_ahead=1`` asks whether one will be due after the next step, for a loop that keeps the
+        batches of that step for the refresh."""
+        n = self._steps + steps_ahead
+        return (n > 0 and (steps_ahead > 0 or self._refreshed_at != n)
+                and any(n % g["hessian_interval"] == 0 for g in self.param_groups))
+
+    @property
+    def steps(self) -> int:
+        """The ``step()`` calls that updated some parameter so far (saved in the state dict): the clock of the
+        refresh schedule."""
+        return self._steps
 
     @property
     def hessian_updates(self) -> int:

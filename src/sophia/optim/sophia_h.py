@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -19,7 +20,7 @@ class SophiaH(SophiaBase):
     .. code-block:: text
 
         step t (t = 1, 2, ...):
-            if t - 1 is a positive multiple of update_period:          # t = k+1, 2k+1, ...
+            if t - 1 is a positive multiple of hessian_interval:       # t = k+1, 2k+1, ...
                 u ~ Rademacher or N(0, I);  h = b2*h + (1-b2) * u * (H u)
             m = b1*m + (1-b1)*g
             p = p - lr*weight_decay*p
@@ -48,7 +49,9 @@ class SophiaH(SophiaBase):
     Args:
         params, lr, betas, rho, weight_decay, eps, maximize, foreach, fused, cuda_graph: as in
             :class:`~sophia.SophiaG`.
-        update_period: k, the number of steps between Hessian refreshes.
+        hessian_interval: k, the number of steps between Hessian refreshes (as SophiaG's).
+        update_period: the former name of ``hessian_interval``; accepted with a DeprecationWarning (and
+            state dicts and param groups that use it are read as ``hessian_interval``).
         distribution: ``"rademacher"`` (default) or ``"gaussian"`` probes.
         generator: optional ``torch.Generator`` for the probes (default: the global RNG).
 
@@ -56,7 +59,7 @@ class SophiaH(SophiaBase):
         >>> import torch
         >>> from sophia import SophiaH
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        >>> opt = SophiaH(model.parameters(), lr=1e-3, rho=0.01, update_period=5)
+        >>> opt = SophiaH(model.parameters(), lr=1e-3, rho=0.01, hessian_interval=5)
         >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
         >>> for _ in range(11):
         ...     loss = torch.nn.functional.mse_loss(model(x), y)
@@ -82,13 +85,21 @@ class SophiaH(SophiaBase):
         foreach: bool | None = None,
         fused: bool | None = None,
         cuda_graph: bool = False,
-        update_period: int = 10,
+        hessian_interval: int = 10,
         distribution: str = "rademacher",
         generator: torch.Generator | None = None,
+        update_period: int | None = None,
     ) -> None:
+        if update_period is not None:
+            if hessian_interval != 10 and hessian_interval != update_period:
+                raise ValueError(f"SophiaH: update_period={update_period!r} and hessian_interval={hessian_interval!r} "
+                                 "disagree; update_period is the old name of hessian_interval: give only that")
+            warnings.warn("SophiaH(update_period=...) is now hessian_interval=... (as SophiaG's); the old name "
+                          "will go", DeprecationWarning, stacklevel=2)
+            hessian_interval = update_period
         defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps,
                         maximize=maximize, foreach=foreach, fused=fused, cuda_graph=cuda_graph,
-                        update_period=update_period, distribution=distribution)
+                        hessian_interval=hessian_interval, distribution=distribution)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"SophiaH: generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
@@ -100,7 +111,24 @@ class SophiaH(SophiaBase):
         _validate_h(group)
 
     def _group_setdefaults(self) -> dict[str, Any]:
-        return {**super()._group_setdefaults(), "update_period": 10, "distribution": "rademacher"}
+        return {**super()._group_setdefaults(), "distribution": "rademacher"}
+
+    def _upgrade_group(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        group = dict(group)
+        if "update_period" in group:  # saved before the rename
+            old = group.pop("update_period")
+            group.setdefault("hessian_interval", old)
+        return group
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict) and "update_period" in param_group:
+            warnings.warn("a SophiaH param group's update_period is now hessian_interval", DeprecationWarning,
+                          stacklevel=2)
+            if "hessian_interval" in param_group and param_group["hessian_interval"] != param_group["update_period"]:
+                raise ValueError("SophiaH: a param group gives update_period and hessian_interval, which disagree; "
+                                 "update_period is the old name of hessian_interval: give only that")
+            param_group = self._upgrade_group(param_group)
+        super().add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -118,15 +146,16 @@ class SophiaH(SophiaBase):
         super().load_state_dict(state_dict)
         self._supplied = set()
 
-    def _due(self, group: dict[str, Any], p: Tensor) -> bool:
+    def _due(self, group: dict[str, Any], p: Tensor, steps_ahead: int = 0) -> bool:
         state = self.state.get(p)
-        done = int(state["step"].item()) if state and "step" in state else 0
-        k = group["update_period"]
+        done = (int(state["step"].item()) if state and "step" in state else 0) + steps_ahead
+        k = group["hessian_interval"]
         return done > 0 and done % k == 0
 
-    def hessian_due(self) -> bool:
-        """Whether the next ``step()`` refreshes the Hessian estimate of some parameter."""
-        return any(self._due(g, p) for g in self.param_groups for p in g["params"])
+    def hessian_due(self, steps_ahead: int = 0) -> bool:
+        """Whether the next ``step()`` refreshes the Hessian estimate of some parameter (after steps k, 2k, ...,
+        as SophiaG's); ``steps_ahead=1``: the step after it."""
+        return any(self._due(g, p, steps_ahead) for g in self.param_groups for p in g["params"])
 
     def update_hessian(self, bs: int | None = None, *, estimates=None) -> None:  # noqa: D102
         if estimates is not None and bs is None:
@@ -153,6 +182,8 @@ class SophiaH(SophiaBase):
             self._refresh(due)
         for group, params in work:
             self._update_group(group, params)
+        if any(params for _, params in work):
+            self._steps += 1
         self._supplied = set()
         return loss
 
@@ -183,9 +214,6 @@ class SophiaH(SophiaBase):
 
 
 def _validate_h(group: Mapping[str, Any]) -> None:
-    k = group["update_period"]
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"SophiaH: invalid update_period {k!r}: must be an int >= 1")
     check_distribution(group["distribution"])
 
 
