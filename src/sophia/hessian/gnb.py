@@ -11,12 +11,10 @@ report N; :func:`gnb_refresh` runs a whole refresh for an optimizer.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -116,44 +114,14 @@ def gnb_refresh(optimizer: torch.optim.Optimizer, sampled_loss_fn: Callable[[], 
 
     Under ``torch.distributed`` (``distributed=None`` means: initialised with more than one
     rank) the forward must run through the DDP-wrapped model, whose backward averages the
-    gradients over ranks; N is then summed over ranks, so the estimate counts the global
-    batch. Ranks must use equal local batches for the average to be the global mean.
-    ``max_grad_norm`` clips the sampled-label gradient first (the authors use 1.0).
+    gradients over ranks; N is summed over ranks, and the gradient folded in is that of the mean
+    over all N predictions of the global batch (local batches may differ). ``max_grad_norm`` clips
+    the sampled-label gradient first (the authors use 1.0). This is the one-micro-batch case of
+    :func:`sophia.hessian.refresh.gnb_refresh_micro_batches`, the refresh every loop shares.
     """
-    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
-                                      or not (math.isfinite(max_grad_norm) and max_grad_norm > 0)):
-        raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    stashed = [p.grad for p in params]
-    stashed_ptrs = {g.data_ptr() for g in stashed if g is not None and g.numel()}
-    for p in params:
-        p.grad = None
-    try:
-        with torch.enable_grad():
-            sampled = sampled_loss_fn()
-            if not isinstance(sampled, SampledLoss):
-                raise TypeError("sampled_loss_fn must return a SampledLoss (loss, n)")
-            sampled.loss.backward()
-        if any(p.grad is not None and p.grad.numel() and p.grad.data_ptr() in stashed_ptrs
-               for p in params):
-            raise RuntimeError(
-                "the sampled-label backward wrote into the memory of the pending training "
-                "gradients (DDP with gradient_as_bucket_view=True?); call gnb_refresh after "
-                "optimizer.step() and zero_grad(), when no training gradients are pending")
-        n = int(sampled.n)
-        if distributed is None:
-            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if distributed:
-            device = next((p.device for p in params if p.grad is not None), torch.device("cpu"))
-            if dist.get_backend() == "nccl" and device.type != "cuda":
-                device = torch.device("cuda", torch.cuda.current_device())
-            total = torch.tensor([n], dtype=torch.float64, device=device)
-            dist.all_reduce(total)
-            n = int(total.item())
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm)
-        optimizer.update_hessian(bs=n)
-    finally:
-        for p, g in zip(params, stashed):
-            p.grad = g
-    return n
+    from sophia.hessian.refresh import WrapperAverage, distributed_world, gnb_refresh_micro_batches
+
+    if distributed is None:
+        distributed = distributed_world()
+    return gnb_refresh_micro_batches(optimizer, [sampled_loss_fn], max_grad_norm=max_grad_norm,
+                                     reduction=WrapperAverage() if distributed else None)

@@ -23,12 +23,7 @@ import torch
 from torch import Tensor
 
 from sophia.hessian import SampledLoss
-from sophia.integrations._refresh import (
-    distributed_world,
-    gnb_refresh_micro_batches,
-    refresh_generator,
-    sampled_categorical,
-)
+from sophia.hessian.refresh import AllReduceSum, gnb_refresh_micro_batches, label_generator, sampled_categorical
 from sophia.optim import SophiaG
 
 try:
@@ -180,19 +175,20 @@ class SophiaCallback(Callback):
         """Fold one Gauss-Newton-Bartlett estimate over ``batches`` into the optimizer; returns N."""
         optimizer = trainer.optimizers[0]
         device = next(p for g in optimizer.param_groups for p in g["params"]).device
-        generator = refresh_generator(device, int(self.seed), step, trainer.global_rank)
         max_norm = self.max_grad_norm
         if max_norm is None and trainer.gradient_clip_val and trainer.gradient_clip_algorithm in (None, "norm"):
             max_norm = float(trainer.gradient_clip_val)
 
-        def one(batch: Any) -> Callable[[], SampledLoss]:
+        def one(micro: int, batch: Any) -> Callable[[], SampledLoss]:
             def run() -> SampledLoss:
+                generator = label_generator(device, int(self.seed), step, trainer.global_rank, micro)
                 with trainer.precision_plugin.train_step_context():
                     return self.sampled_loss(pl_module, batch, generator)
             return run
 
-        return gnb_refresh_micro_batches(optimizer, [one(b) for b in batches], max_grad_norm=max_norm,
-                                         distributed=distributed_world())
+        # the LightningModule's own forward (the DDP wrapper's is training_step): gradients summed here
+        return gnb_refresh_micro_batches(optimizer, [one(i, b) for i, b in enumerate(batches)],
+                                         max_grad_norm=max_norm, reduction=AllReduceSum())
 
 
 def _writes_logs_now(trainer: Any) -> bool:

@@ -43,11 +43,13 @@ except ImportError as e:
                       "pip install 'sophia-lab[hf]'") from None
 
 from sophia.hessian import SampledLoss, bernoulli_sampled_loss, gaussian_sampled_loss, hutchinson
-from sophia.integrations._refresh import (
-    _all_reduce_sum_,
+from sophia.hessian.refresh import (
+    AllReduceSum,
+    HutchinsonAverage,
     distributed_world,
     gnb_refresh_micro_batches,
-    refresh_generator,
+    label_generator,
+    prediction_mask,
     sampled_categorical,
 )
 from sophia.optim import SophiaG, SophiaH
@@ -161,8 +163,7 @@ class SophiaTrainer(Trainer):
         self.hessian_interval = hessian_interval
         self._window: list[Mapping[str, Any]] = []
         self._window_step = -1
-        self._estimates: dict[Tensor, Tensor] = {}
-        self._estimate_weight = 0.0
+        self._estimates: HutchinsonAverage | None = None
         self._estimate_step = -1
         self._estimate_micro = 0
         self.hessian_refreshes: list[tuple[int, int]] = []  # (global_step, N) of each SophiaG refresh
@@ -283,19 +284,22 @@ class SophiaTrainer(Trainer):
                                "micro-batches were not seen by training_step (an override that does not "
                                "call super().training_step?)")
         model = self.accelerator.unwrap_model(self.model_wrapped)
-        generator = refresh_generator(self._device_of_params(), self.args.seed, step, self._rank())
+        device, rank = self._device_of_params(), self._rank()
         was_training = model.training
         model.train()
 
-        def one(inputs: Mapping[str, Any]):
+        def one(micro: int, inputs: Mapping[str, Any]):
             def run() -> SampledLoss:
+                generator = label_generator(device, self.args.seed, step, rank, micro)
                 with self.compute_loss_context_manager():
                     return self.sampled_loss(model, self._prepare_inputs(inputs), generator)
             return run
 
         try:
             max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
-            n = gnb_refresh_micro_batches(self.sophia_optimizer, [one(x) for x in window], max_grad_norm=max_norm)
+            # the unwrapped model's own forward (the DDP wrapper's would run training_step's hooks): summed here
+            n = gnb_refresh_micro_batches(self.sophia_optimizer, [one(i, x) for i, x in enumerate(window)],
+                                          max_grad_norm=max_norm, reduction=AllReduceSum())
         finally:
             model.train(was_training)
         self.hessian_refreshes.append((step, n))
@@ -303,23 +307,22 @@ class SophiaTrainer(Trainer):
     # -- SophiaH: before the optimizer step -----------------------------------------------
     def _add_hutchinson_estimate(self, model: nn.Module, inputs: Mapping[str, Any], step: int) -> None:
         opt = self.sophia_optimizer
+        params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
         if self._estimate_step != step:
-            self._estimates, self._estimate_weight, self._estimate_step = {}, 0.0, step
-            self._estimate_micro = 0
+            self._estimates, self._estimate_step, self._estimate_micro = HutchinsonAverage(params), step, 0
         unwrapped = self.accelerator.unwrap_model(model)
         prepared = self._prepare_inputs(inputs)
-        params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
         distributions = {g["distribution"] for g in opt.param_groups}
         if len(distributions) != 1:
             raise ValueError("SophiaTrainer: all SophiaH param groups must use the same probe distribution")
         _, targets = self._targets(unwrapped, prepared)
-        weight = float((targets != IGNORE_INDEX).sum()) if targets is not None else 1.0
-        if weight == 0.0:
+        weight = int(prediction_mask(targets, IGNORE_INDEX).sum()) if targets is not None else 1
+        if weight == 0:
             return
         generator = opt.generator
         if generator is None:
-            generator = refresh_generator(params[0].device, self.args.seed, step, self._rank(),
-                                          micro=self._estimate_micro)
+            generator = label_generator(params[0].device, self.args.seed, step, self._rank(),
+                                        micro=self._estimate_micro)
         self._estimate_micro += 1
         unwrapped.train()
 
@@ -327,27 +330,15 @@ class SophiaTrainer(Trainer):
             with self.compute_loss_context_manager(), _math_attention():
                 return self.compute_loss(unwrapped, dict(prepared))
 
-        est = hutchinson(loss_fn, params, distribution=distributions.pop(), generator=generator)
-        for p, e in zip(params, est):
-            acc = self._estimates.get(p)
-            self._estimates[p] = e.mul_(weight) if acc is None else acc.add_(e, alpha=weight)
-        self._estimate_weight += weight
+        self._estimates.add(hutchinson(loss_fn, params, distribution=distributions.pop(), generator=generator), weight)
 
     def _before_optimizer_step(self) -> None:
         if self.sophia != "sophiah" or self._estimate_step != self.state.global_step + 1:
             return
-        estimates, weight = self._estimates, self._estimate_weight
-        self._estimates, self._estimate_weight, self._estimate_step = {}, 0.0, -1
-        if distributed_world():
-            ps = [p for g in self.sophia_optimizer.param_groups for p in g["params"] if p.requires_grad]
-            for p in ps:  # a rank whose micro-batches predicted nothing still takes part
-                estimates.setdefault(p, torch.zeros_like(p))
-            total = torch.tensor([weight], dtype=torch.float64, device=ps[0].device)
-            dist.all_reduce(total)
-            weight = float(total.item())
-            _all_reduce_sum_([estimates[p] for p in ps])
-        if weight > 0:
-            self.sophia_optimizer.update_hessian(estimates={p: e.div_(weight) for p, e in estimates.items()})
+        average, self._estimates, self._estimate_step = self._estimates, None, -1
+        estimates = average.result(AllReduceSum())  # every rank, one that predicted nothing too
+        if estimates is not None:
+            self.sophia_optimizer.update_hessian(estimates=dict(zip(average.params, estimates)))
 
     # -- logs ---------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -1,4 +1,4 @@
-"""The micro-batch Gauss-Newton-Bartlett refresh that both integrations use (plain torch)."""
+"""The shared Hessian refresh (sophia.hessian.refresh) that every training loop calls (plain torch)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from sophia import SampledLoss, SophiaG
-from sophia.integrations._refresh import (
+from sophia.hessian.refresh import (
     _all_reduce_sum_,
     gnb_refresh_micro_batches,
-    refresh_generator,
+    label_generator,
     sampled_categorical,
 )
 
@@ -107,18 +107,19 @@ def test_refresh_with_no_predictions_warns_and_leaves_h():
     assert n == 0 and opt.hessian_updates == 0
 
 
-def test_refresh_generator_depends_on_seed_step_and_rank_only():
-    draw = lambda *a: torch.rand(4, generator=refresh_generator(torch.device("cpu"), *a))  # noqa: E731
+def test_label_generator_depends_on_seed_step_and_rank_only():
+    draw = lambda *a: torch.rand(4, generator=label_generator(torch.device("cpu"), *a))  # noqa: E731
     assert torch.equal(draw(1, 10, 0), draw(1, 10, 0))
     assert not torch.equal(draw(1, 10, 0), draw(1, 20, 0))
     assert not torch.equal(draw(1, 10, 0), draw(1, 10, 1))
     assert not torch.equal(draw(1, 10, 0), draw(2, 10, 0))
+    assert not torch.equal(draw(1, 10, 0, 0), draw(1, 10, 0, 1))  # micro-batches draw independently
 
 
 def test_all_reduce_buckets_round_trip_in_one_process(tmp_path, monkeypatch):
     import torch.distributed as dist
 
-    from sophia.integrations import _refresh
+    from sophia.hessian import refresh as _refresh
 
     monkeypatch.setattr(_refresh, "_BUCKET_NUMEL", 7)  # several buckets, one tensor larger than a bucket
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
