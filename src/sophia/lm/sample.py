@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from numbers import Real
 from pathlib import Path
 
 import torch
 
-from sophia.lm.checkpoint import TOKENIZER_DIR, load_checkpoint, load_sharded_model
+from sophia.lm.checkpoint import TOKENIZER_DIR, load_checkpoint, load_sharded_model, tokenizer_fingerprint
 from sophia.lm.config import TrainError
 from sophia.lm.model import GPT, GPTConfig
 
@@ -56,6 +58,73 @@ class _Detokenizer:
         return text
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _load(folder: Path):
+    """``(tokenizer, fingerprint)`` of ``folder``, or why it cannot be read (without the loader's advice, which
+    is for a dataset folder)."""
+    from sophia.lm.data import DataError
+    from sophia.lm.tokenizers import load_tokenizer
+
+    if not any((folder / name).is_file() for name in ("meta.json", "meta.pkl", "train.bin")):
+        return "it has no meta.json"
+    try:
+        return load_tokenizer(folder), tokenizer_fingerprint(folder)
+    except (DataError, OSError, ValueError) as e:
+        return re.split(r"; (?:delete|prepare|remove|nanoGPT's) ", str(e))[0]
+
+
+def _mismatch(tok, fingerprint: str | None, ckpt: dict) -> str | None:
+    """Why ``tok`` is not the tokenizer ``ckpt`` trained with, or None. Checkpoints since the run folder kept a
+    fingerprint say exactly; older ones by the spec and the vocabulary size."""
+    saved = ckpt.get("dataset") or {}
+    vocab = ckpt["model_config"]["vocab_size"]
+    want = saved.get("tokenizer_sha256")
+    if want is not None and fingerprint != want:
+        if tok.name == saved.get("tokenizer"):
+            return f"it holds a {tok.name} trained on other text than the checkpoint's"
+        return f"it holds {tok.name}, the checkpoint trained with {saved.get('tokenizer') or 'another'}"
+    if isinstance(saved.get("tokenizer"), str) and tok.name != saved["tokenizer"]:
+        return f"it holds {tok.name}, the checkpoint trained with {saved['tokenizer']}"
+    if tok.vocab_size > vocab:
+        return f"its {tok.vocab_size} tokens do not fit the model's vocabulary of {vocab}"
+    return None
+
+
+def run_tokenizer(out_dir: Path, ckpt: dict, log: Callable[[str], None] | None = _stderr):
+    """The tokenizer ``ckpt`` trained with: the run folder's copy, else (said through ``log``) its dataset's. A
+    copy that is damaged or another run's is never used: the error says which and what to do."""
+    kept = Path(out_dir) / TOKENIZER_DIR
+    name = Path(ckpt["path"]).name
+    problem = None
+    if kept.is_dir():
+        got = _load(kept)
+        if isinstance(got, str):
+            problem = f"the run folder's tokenizer copy {kept} is damaged ({got})"
+        else:
+            why = _mismatch(*got, ckpt)
+            if why is None:
+                return got[0]
+            problem = f"the run folder's tokenizer copy {kept} is not the one {name} trained with ({why}; left by " \
+                      "another run in this folder?)"
+    dataset = Path(ckpt.get("dataset_dir") or (ckpt.get("dataset") or {}).get("dir") or "")
+    got = _load(dataset) if str(dataset) not in ("", ".") and dataset.is_dir() else None
+    if got is not None and not isinstance(got, str) and _mismatch(*got, ckpt) is None:
+        if problem and log is not None:
+            log(f"warning: {problem}; using the tokenizer of the dataset {dataset} instead (`sophia train --out-dir "
+                f"{out_dir} --resume` writes the copy again)")
+        return got[0]
+    config = ckpt.get("config") or {}
+    where = (f"the dataset it trained on, {dataset}, is " + ("gone" if got is None else
+             f"unusable too ({got if isinstance(got, str) else _mismatch(*got, ckpt)})"))
+    first = problem or f"{out_dir} has no {TOKENIZER_DIR}/ copy (runs of earlier versions kept none)"
+    raise TrainError(f"{first}, and {where}: prepare that dataset again with `sophia data prepare "
+                     f"{config.get('corpus', 'CORPUS')} --tokenizer {config.get('tokenizer', 'SPEC')} --data-root "
+                     f"{dataset.parent}` (the same corpus gives the same tokenizer), then sample again")
+
+
 @torch.no_grad()
 def _next_token(model: GPT, idx: torch.Tensor, temperature: float, top_k: int | None,
                 generator: torch.Generator) -> torch.Tensor:
@@ -66,26 +135,24 @@ def _next_token(model: GPT, idx: torch.Tensor, temperature: float, top_k: int | 
 
 
 def stream(out_dir: str, *, start: str = "\n", max_new_tokens: int = 300, temperature: float = 0.8,
-           top_k: int | None = 200, seed: int = 0, num_samples: int = 1) -> Iterator[tuple[int, str]]:
+           top_k: int | None = 200, seed: int = 0, num_samples: int = 1,
+           log: Callable[[str], None] | None = _stderr) -> Iterator[tuple[int, str]]:
     """Yield ``(sample number, text)`` pieces as they are generated: each sample's prompt first,
-    then its new text a token (or a completed character) at a time. ``temperature=0`` is greedy."""
-    from sophia.lm.data import DataError
-    from sophia.lm.tokenizers import load_tokenizer
-
+    then its new text a token (or a completed character) at a time. ``temperature=0`` is greedy.
+    Warnings (a damaged newest checkpoint skipped, the dataset's tokenizer used) go to ``log``."""
     check_settings(max_new_tokens, temperature, top_k, num_samples)
     top_k = top_k or None
     ckpt = load_checkpoint(Path(out_dir), purpose="sample")
+    for path, reason in ckpt["skipped"]:
+        if log is not None:
+            log(f"warning: checkpoint {path} {reason}; sampling from the older {Path(ckpt['path']).name}")
     model = GPT(GPTConfig(**ckpt["model_config"]))
     if ckpt.get("format") == "dcp":  # written by --parallel fsdp: the shards, assembled here
         load_sharded_model(Path(ckpt["path"]), model)
     else:
         model.load_state_dict(ckpt["model"])
     model.eval()
-    kept = Path(out_dir) / TOKENIZER_DIR  # the run's own copy (runs since it existed); else the dataset's
-    try:
-        tok = load_tokenizer(kept if kept.is_dir() else Path(ckpt["dataset_dir"]))
-    except DataError as e:
-        raise TrainError(str(e)) from None
+    tok = run_tokenizer(Path(out_dir), ckpt, log)
     try:
         ids = tok.encode(start) or [0]
     except ValueError as e:  # a character-level vocabulary lacks one of the prompt's characters
@@ -105,11 +172,12 @@ def stream(out_dir: str, *, start: str = "\n", max_new_tokens: int = 300, temper
 
 
 def sample(out_dir: str, *, start: str = "\n", max_new_tokens: int = 300, temperature: float = 0.8,
-           top_k: int | None = 200, seed: int = 0, num_samples: int = 1) -> list[str]:
+           top_k: int | None = 200, seed: int = 0, num_samples: int = 1,
+           log: Callable[[str], None] | None = _stderr) -> list[str]:
     """The samples of :func:`stream`, each as one string (prompt included)."""
     parts: list[list[str]] = []
     for i, piece in stream(out_dir, start=start, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_k=top_k, seed=seed, num_samples=num_samples):
+                           top_k=top_k, seed=seed, num_samples=num_samples, log=log):
         if i == len(parts):
             parts.append([])
         parts[i].append(piece)

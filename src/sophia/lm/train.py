@@ -44,6 +44,8 @@ from sophia.lm.checkpoint import (
     remove_stale,
     save_checkpoint,
     save_sharded_checkpoint,
+    set_aside,
+    tokenizer_fingerprint,
 )
 from sophia.lm.config import LEGACY_DEFAULTS, TrainConfig, TrainError, check_writable_dir
 from sophia.lm.device import resolve_device as check_device
@@ -238,7 +240,15 @@ class Trainer:
         # Fewer micro-batches than ranks: each rank runs one, and the global batch grows (said at start).
         self.accum = max(1, cfg.grad_accum // world)
         self._check_out_dir()
-        ckpt = load_checkpoint(self.out_dir, log=self.log if self.dist.main else None) if self.resume else None
+        ckpt = load_checkpoint(self.out_dir) if self.resume else None
+        if ckpt is not None and self.dist.main:
+            # A damaged checkpoint newer than the one resumed from is moved aside: the run's checkpoints from here
+            # on are newer than the resumed one, and a damaged one among them would count toward
+            # --keep-checkpoints (or be overwritten when its step is saved again).
+            for path, reason in ckpt["skipped"]:
+                aside = set_aside(Path(path))
+                self.log(f"warning: checkpoint {path} {reason}: moved aside to {aside.name} (never read; delete it "
+                         f"when you no longer need it); resuming from the older {Path(ckpt['path']).name}")
         if ckpt is not None:
             saved_world = ckpt.get("world_size", 1)
             if saved_world != world and (cfg.grad_accum < max(world, saved_world)):
@@ -252,6 +262,7 @@ class Trainer:
             self.compile = False
         self._check_memory(_vocab_guess(cfg.tokenizer))  # before preparing data, which can take long
         self.data = self._load_data()
+        self.tokenizer_sha256 = tokenizer_fingerprint(self.data.dir)  # recorded in checkpoints, checked by sample
         self.dist.start()
         if len(self.data.train) <= cfg.block_size + 1 or len(self.data.val) <= cfg.block_size + 1:
             raise TrainError(f"the dataset is too small for --block-size {cfg.block_size}")
@@ -329,7 +340,7 @@ class Trainer:
                 self.log(f"{old} (from an earlier run without a checkpoint) was kept as {kept.name}")
         if self.dist.main:
             remove_stale(self.out_dir)  # temporary files and folders left by a kill during a save
-            keep_tokenizer(self.out_dir, self.data.dir)
+            keep_tokenizer(self.out_dir, self.data.dir, log=self.log)
 
     def _check_memory(self, vocab: int) -> None:
         cfg = self.cfg
@@ -378,7 +389,7 @@ class Trainer:
         except (KeyError, IndexError, RuntimeError, ValueError) as e:
             raise TrainError(f"--resume: the checkpoint {ckpt.get('path', self.out_dir)} does not fit this run "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        self.metrics.truncate_after(self.counters["step"])
+        self.metrics.truncate_after(self.counters["step"], log=self.log)
         saved_world = ckpt.get("world_size", 1)
         self.log(f"resumed {self.out_dir} at step {self.counters['step']} from {Path(ckpt['path']).name}")
         if saved_world != self.dist.world_size and self.dist.main:
@@ -475,12 +486,14 @@ class Trainer:
             "dataset_dir": str(Path(self.data.dir).resolve()), "world_size": self.dist.world_size,
             "dataset": {"dir": str(Path(self.data.dir).resolve()),
                         **{k: meta.get(k) for k in ("source_sha256", "train_tokens", "val_tokens", "vocab_size",
-                                                     "tokenizer")}},
+                                                     "tokenizer")},
+                        "tokenizer_sha256": self.tokenizer_sha256},
         })
         if self.fsdp:
-            save_sharded_checkpoint(self.out_dir, state, info, main=self.dist.main, keep=self.cfg.keep_checkpoints)
+            save_sharded_checkpoint(self.out_dir, state, info, main=self.dist.main, keep=self.cfg.keep_checkpoints,
+                                    log=self.log)
         else:
-            save_checkpoint(self.out_dir, info, keep=self.cfg.keep_checkpoints)
+            save_checkpoint(self.out_dir, info, keep=self.cfg.keep_checkpoints, log=self.log)
 
     # -- pieces of a step -----------------------------------------------------------------
     def _batch(self, batch_size: int):
@@ -865,7 +878,8 @@ class Trainer:
     def summary(self, record: bool = True) -> dict[str, Any]:
         from sophia.lm.checkpoint import read_metrics
 
-        events = read_metrics(self.out_dir) if (self.out_dir / METRICS).exists() else []
+        events = read_metrics(self.out_dir, log=self.log if self.dist.main else None) \
+            if (self.out_dir / METRICS).exists() else []
         evals = [e for e in events if e.get("event") == "eval"]
         c = self.counters
         out = {"out_dir": str(self.out_dir), "optimizer": self.cfg.optimizer, "preset": self.cfg.preset,
