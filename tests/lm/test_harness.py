@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from sophia.cli import main
 from sophia.hessian import categorical_sampled_loss, sample_categorical, sample_categorical_from_uniform
+from sophia.hessian.refresh import label_generator
 from sophia.lm.checkpoint import list_checkpoints, read_metrics
 from sophia.lm.config import resolve_config
 from sophia.lm.memory import GiB, estimate, gpt_parameters
@@ -426,10 +427,10 @@ def test_a_refresh_on_a_fraction_uses_whole_micro_batches_when_it_can(corpus, tm
     assert t.counters["hessian_passes"] - passes == pytest.approx(forwards * rows / 4)
     # independent g: mean sampled cross-entropy over the refresh's micro-batches, same label draws
     ref.zero_grad()
-    t.counters["step"] = 1  # the label draws are keyed by the step the refresh ran in
     for micro, x in enumerate(refresh_inputs):
         logits, _ = ref(x)
-        u = torch.rand(x.shape, generator=t._label_generator(micro))
+        # the label draws are keyed by (seed, the step the refresh follows, rank, micro-batch)
+        u = torch.rand(x.shape, generator=label_generator(t.device, cfg.seed, 2, 0, micro))
         labels = sample_categorical_from_uniform(logits, u)  # the sampler itself: tests/test_hessian.py
         (F.cross_entropy(logits.flatten(0, 1), labels.flatten()) / forwards).backward()
     n = forwards * rows * 16

@@ -283,6 +283,11 @@ class SophiaTrainer(Trainer):
             raise RuntimeError(f"SophiaTrainer: optimizer step {step} is due a Hessian refresh but its "
                                "micro-batches were not seen by training_step (an override that does not "
                                "call super().training_step?)")
+        self.hessian_refreshes.append((step, self.gnb_refresh(window, step)))
+
+    def gnb_refresh(self, micro_batches: list[Mapping[str, Any]], step: int) -> int:
+        """The Gauss-Newton-Bartlett refresh after optimizer step ``step`` on ``micro_batches`` (the inputs that
+        step trained on), by the shared refresh (:mod:`sophia.hessian.refresh`); returns the global N."""
         model = self.accelerator.unwrap_model(self.model_wrapped)
         device, rank = self._device_of_params(), self._rank()
         was_training = model.training
@@ -298,11 +303,11 @@ class SophiaTrainer(Trainer):
         try:
             max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
             # the unwrapped model's own forward (the DDP wrapper's would run training_step's hooks): summed here
-            n = gnb_refresh_micro_batches(self.sophia_optimizer, [one(i, x) for i, x in enumerate(window)],
-                                          max_grad_norm=max_norm, reduction=AllReduceSum())
+            return gnb_refresh_micro_batches(self.sophia_optimizer, [one(i, x) for i, x in enumerate(micro_batches)],
+                                             max_grad_norm=max_norm, reduction=AllReduceSum())
         finally:
             model.train(was_training)
-        self.hessian_refreshes.append((step, n))
+
 
     # -- SophiaH: before the optimizer step -----------------------------------------------
     def _add_hutchinson_estimate(self, model: nn.Module, inputs: Mapping[str, Any], step: int) -> None:

@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sophia.hessian import hutchinson
+from sophia.hessian import SampledLoss, hutchinson
+from sophia.hessian.refresh import (
+    AllReduceSum,
+    HutchinsonAverage,
+    WrapperAverage,
+    gnb_refresh_micro_batches,
+    label_generator,
+)
 from sophia.lm import parallel
 from sophia.lm.checkpoint import (
     METRICS,
@@ -171,6 +179,24 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
         if t.numel():
             flags.setdefault(t.device, []).append(torch.isfinite(t).all())
     return all(bool(torch.stack(f).all().item()) for f in flags.values())
+
+
+def in_forward_sampled_losses(model: torch.nn.Module, inputs: Sequence[Callable[[], torch.Tensor]],
+                              generator_for: Callable[[int], torch.Generator],
+                              autocast: Any = None) -> list[Callable[[], SampledLoss]]:
+    """Sophia-G's sampled-label losses as ``sophia train`` computes them, one callable per micro-batch for the
+    shared refresh: ``inputs[m]()`` gives micro-batch m's tokens (B, T) (read when the refresh reaches it),
+    one uniform number per position comes from ``generator_for(m)``, and the harness's GPT draws the labels
+    from them inside its (compiled) forward. Every position is a prediction: n = B * T."""
+    def one(micro: int) -> Callable[[], SampledLoss]:
+        def sampled_loss() -> SampledLoss:
+            x = inputs[micro]()
+            u = torch.rand(x.shape, generator=generator_for(micro), device=x.device)
+            with autocast if autocast is not None else nullcontext():
+                _, loss = model(x, sample_uniform=u)
+            return SampledLoss(loss, x.numel())
+        return sampled_loss
+    return [one(m) for m in range(len(inputs))]
 
 
 class Trainer:
@@ -557,42 +583,30 @@ class Trainer:
                      "Remedies: --qk-norm, or a lower --lr")
         return stats
 
-    def _label_generator(self, micro: int) -> torch.Generator:
-        """Labels sampled independently per rank (shared draws would bias N*g**2 under DDP), and
-        reproducibly per (seed, step, rank, micro-batch), so resuming needs no extra state."""
-        key = ((self.cfg.seed * 1_000_003 + self.counters["step"]) * 1009 + self.dist.rank) * 101 + micro
-        return torch.Generator(device=self.device).manual_seed(key % (2**63 - 1))
-
     def _zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=self.grads_to_none)
 
-    def _gnb_refresh(self) -> None:
-        """Sampled-label backward over the whole (or a fraction of the) global batch, then N*g**2.
+    def _gnb_refresh(self, step: int) -> None:
+        """Sampled-label backward over the whole (or a fraction of the) global batch, then N*g**2, after
+        optimizer step ``step`` (1-based), by the shared refresh (sophia.hessian.refresh): the DDP/FSDP
+        wrapper reduces, the labels are drawn inside the (compiled) forward from the package's label
+        generator of (seed, step, rank, micro-batch).
 
         A fraction that is a whole number of micro-batches (1/4 of 8) runs that many micro-batches of the
         training shape, as the authors' code refreshes on one micro-batch: a compiled model sees no new
         shape and the device runs at its training batch size. Otherwise each micro-batch shrinks."""
         cfg = self.cfg
-        self._zero_grad()
-        n_local = 0
         whole = cfg.hessian_batch_fraction * self.accum
         if self.accum > 1 and whole >= 1 and abs(whole - round(whole)) < 1e-9:
             n_micro, bs = round(whole), cfg.batch_size
         else:
             n_micro, bs = self.accum, self._hessian_batch_size()
-        for micro in range(n_micro):
-            x, _ = self._batch(bs)
-            # one uniform number per position; the labels are drawn from them inside the (compiled) forward
-            u = torch.rand(x.shape, generator=self._label_generator(micro), device=self.device)
-            sync = self._sync(micro == n_micro - 1)
-            with sync, self.autocast:
-                _, sampled_loss = self.model(x, sample_uniform=u)
-            (sampled_loss / n_micro).backward()
-            n_local += x.numel()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
-        self.opt.update_hessian(bs=n_local * self.dist.world_size)
-        self._zero_grad()
+        losses = in_forward_sampled_losses(self.model, [lambda: self._batch(bs)[0]] * n_micro,
+                                           lambda micro: label_generator(self.device, cfg.seed, step,
+                                                                         self.dist.rank, micro),
+                                           self.autocast)
+        gnb_refresh_micro_batches(self.opt, losses, reduction=WrapperAverage(self._sync) if self.dist.enabled else None,
+                                  max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else None)
         self.counters["hessian_passes"] += n_micro * self.dist.world_size * bs / cfg.batch_size
 
     def _hutchinson_refresh(self) -> None:
@@ -613,8 +627,9 @@ class Trainer:
                     return self.raw_model(x, y)[1]
 
             with self.raw_model.use_attention("math"):
-                est = hutchinson(loss_fn, params)
-            self.dist.all_reduce_mean_(est)
+                average = HutchinsonAverage(params)
+                average.add(hutchinson(loss_fn, params), x.numel())
+            est = average.result(AllReduceSum() if self.dist.enabled else None)
         self.opt.update_hessian(estimates=est)
         # a forward and backward with graph, then the Hessian-vector product (about one more backward)
         self.counters["hessian_passes"] += 2 * self.dist.world_size * self._hessian_batch_size() / cfg.batch_size
@@ -673,8 +688,8 @@ class Trainer:
         if create_graph:
             # the Hessian-vector product's backward
             self.counters["hessian_passes"] += self.accum * self.dist.world_size
-        if cfg.optimizer == "sophiag" and i % cfg.hessian_interval == cfg.hessian_interval - 1:
-            self._gnb_refresh()
+        if cfg.optimizer == "sophiag" and self.opt.hessian_due():  # after steps k, 2k, ...: the optimizer's clock
+            self._gnb_refresh(i + 1)
         self.counters["step"] = i + 1
         self.counters["tokens"] += cfg.batch_size * cfg.block_size * self.accum * self.dist.world_size
         self._last_grad_norm = norm
