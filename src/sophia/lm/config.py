@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sophia.lm.muon import MUON_NS_DTYPES
-from sophia.lm.optimizers import OPTIMIZERS
+from sophia.lm.optimizers import NEEDS_CREATE_GRAPH, OPTIMIZERS
 from sophia.lm.presets import get_preset
 
 
@@ -148,6 +148,24 @@ class TrainConfig:
                              "--parallel ddp")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise TrainError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.compile and self.optimizer in NEEDS_CREATE_GRAPH:  # None (the default) just skips compiling
+            raise TrainError(f"--compile does not support the double backward that {self.optimizer} needs")
+
+
+def check_world_size(cfg: TrainConfig, world_size: int, saved_world_size: int | None = None) -> None:
+    """The settings that depend on the number of ranks, checked alike for ``--dry-run``'s plan and the run: a
+    TrainError unless ``world_size`` ranks can train ``cfg`` (and continue a checkpoint written by
+    ``saved_world_size`` ranks, when resuming)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise TrainError(f"--world-size must be a positive integer, got {world_size!r}")
+    if cfg.grad_accum >= world_size and cfg.grad_accum % world_size:
+        raise TrainError(f"--grad-accum ({cfg.grad_accum}) counts micro-batches over all ranks and must be "
+                         f"divisible by the number of ranks ({world_size})")
+    if (saved_world_size is not None and saved_world_size != world_size
+            and cfg.grad_accum < max(world_size, saved_world_size)):
+        raise TrainError(f"--resume: the checkpoint was written by {saved_world_size} rank(s), not {world_size}, "
+                         f"and --grad-accum {cfg.grad_accum} is below one of them, so the global batch would "
+                         "change; resume on the same number of ranks")
 
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
@@ -169,9 +187,26 @@ def resolve_config(preset: str, optimizer: str, overrides: dict[str, Any] | None
             raise TrainError(f"unknown setting {key!r}")
         if value is not None:
             values[key] = value
+    own = _corpus_tokenizer(values["corpus"], (overrides or {}).get("tokenizer"), values["tokenizer"])
+    if own is not None:  # a prepared folder is read with its own tokenizer: record that one
+        values["tokenizer"] = own
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg
+
+
+def _corpus_tokenizer(corpus: str, asked: str | None, tokenizer: str) -> str | None:
+    """A prepared dataset folder's own tokenizer (refusing an ``asked`` one that differs); for another corpus, None
+    after the checks the run's data preparation makes first (so that --dry-run refuses what the run refuses)."""
+    from sophia.lm.data import DataError, check_corpus, folder_tokenizer
+
+    try:
+        own = folder_tokenizer(corpus, asked)
+        if own is None:
+            check_corpus(corpus, tokenizer)
+        return own
+    except (DataError, ValueError) as e:
+        raise TrainError(str(e)) from None
 
 
 # Settings a resumed run may change. Those above the line leave the run exact; the schedule ones
@@ -188,9 +223,12 @@ LEGACY_DEFAULTS = {"vocab_pad_multiple": 1, "qk_norm": False, "parallel": "ddp"}
 
 
 def resume_config(saved: dict[str, Any], overrides: dict[str, Any] | None = None,
-                  changes: dict[str, tuple[Any, Any]] | None = None) -> TrainConfig:
+                  changes: dict[str, tuple[Any, Any]] | None = None, *,
+                  refusal: str = "--resume continues the saved settings") -> TrainConfig:
     """The saved run's settings, with the explicitly given ones that a resume may change.
 
+    An explicit setting that differs from the saved one and may not change is refused, with a TrainError that
+    starts with ``refusal`` and names the setting, its saved value and the requested one.
     ``changes`` (if given) receives ``{setting: (saved, new)}`` for every schedule setting that differs.
     A new ``--max-steps`` keeps the saved cosine schedule's length unless ``--lr-decay-steps`` is given
     too: a run extended from 1000 to 2000 steps continues at min_lr rather than jumping back up."""
@@ -206,8 +244,8 @@ def resume_config(saved: dict[str, Any], overrides: dict[str, Any] | None = None
             continue
         if key not in RESUME_CHANGEABLE:
             flag = "--" + key.replace("_", "-")
-            raise TrainError(f"--resume continues the saved settings: {flag} was {values.get(key)!r}, not "
-                             f"{value!r}; start a new run (another --out-dir) to change it")
+            raise TrainError(f"{refusal}: {flag} was {values.get(key)!r}, not {value!r}; start a new run "
+                             "(another --out-dir) to change it")
         if changes is not None and key in SCHEDULE_CHANGES:
             changes[key] = (values.get(key), value)
         values[key] = value

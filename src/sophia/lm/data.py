@@ -55,12 +55,16 @@ __all__ = [
     "CORPORA",
     "DataError",
     "TokenDataset",
+    "check_corpus",
+    "check_data_root",
     "dataset_name",
     "fixed_batches",
+    "folder_tokenizer",
     "get_batch",
     "load_dataset",
     "prepare",
     "prepare_documents",
+    "prepared_meta",
     "read_shakespeare",
     "write_tokens",
 ]
@@ -136,19 +140,15 @@ def prepare(corpus: str, tokenizer: str, data_root: Path, *, val_fraction: float
     and tokenizer is never touched: that is an error.
     """
     _check_val_fraction(val_fraction)
-    spec = canonical_spec(tokenizer)
-    data_root = Path(data_root)
     if corpus not in CORPORA and _is_dataset_dir(_absolute(corpus)):
+        # before the spec is read: the folder's own (prepared_meta) may be nanoGPT's, which no spec names
         log(f"{_absolute(corpus)}: a prepared dataset (train.bin, val.bin), used as it is with its own tokenizer")
         return _absolute(corpus)
-    if corpus in CORPORA:
-        label = corpus
-    else:
-        path = _absolute(corpus)
-        if not path.exists():
-            raise DataError(f"unknown corpus {corpus!r}: not one of {', '.join(CORPORA)} and no file or folder of "
-                            "that name")
-        label = str(path)
+    data_root = Path(data_root)
+    check_data_root(data_root)
+    check_corpus(corpus, tokenizer)
+    spec = canonical_spec(tokenizer)
+    label = corpus if corpus in CORPORA else str(_absolute(corpus))
     target = data_root / dataset_name(corpus, spec)
 
     def documents_and_separator() -> tuple[Callable[[], Iterable[str]], bool]:
@@ -172,6 +172,57 @@ def prepare(corpus: str, tokenizer: str, data_root: Path, *, val_fraction: float
 
     return _prepare(target, label, spec, documents_and_separator, val_fraction=val_fraction, log=log,
                     check_source=check_source)
+
+
+def check_corpus(corpus: str, tokenizer: str) -> None:
+    """What ``prepare`` refuses before any work in a corpus that is not a prepared dataset folder: a tokenizer
+    spec that names no tokenizer (TokenizerSpecError), a corpus that is neither a name nor a file or folder."""
+    canonical_spec(tokenizer)
+    if corpus not in CORPORA and not _absolute(corpus).exists():
+        raise DataError(f"unknown corpus {corpus!r}: not one of {', '.join(CORPORA)} and no file or folder of that "
+                        "name")
+
+
+def check_data_root(data_root: Path) -> None:
+    """A DataError, before any work, when ``data_root`` (or a folder above it) is a file: no dataset can go there."""
+    for folder in (data_root, *data_root.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise DataError(f"--data-root {data_root}: {folder} is a file, not a directory")
+            return
+
+
+def prepared_meta(corpus: str) -> dict[str, Any] | None:
+    """The description of the prepared dataset folder (train.bin and val.bin, read as they are) that ``corpus``
+    names: its ``meta.json``, or for a nanoGPT folder what its ``meta.pkl`` says (tokenizer ``gpt2`` or
+    ``nanogpt-char``). None when ``corpus`` is a corpus name or raw text, or when the folder's description cannot
+    be read (loading it then says why)."""
+    if corpus in CORPORA or not _is_dataset_dir(_absolute(corpus)):
+        return None
+    d = _absolute(corpus)
+    try:
+        return _checked_meta(d) if (d / META_FILE).exists() else _nanogpt_meta(d)
+    except (OSError, DataError):
+        return None
+
+
+def folder_tokenizer(corpus: str, asked: str | None) -> str | None:
+    """For a prepared dataset folder ``corpus``: its tokenizer (``prepared_meta``), the one a run on it uses
+    and records, after refusing an ``asked`` tokenizer that differs (the folder's token files cannot be read with
+    another). None for any other corpus."""
+    meta = prepared_meta(corpus)
+    own = None if meta is None else meta["tokenizer"]
+    if own is None or asked is None:
+        return own
+    try:
+        same = canonical_spec(asked) == canonical_spec(own)
+    except ValueError:  # nanoGPT's character tokenizer has no spec
+        same = asked.strip().lower() == own
+    if not same:
+        raise DataError(f"--tokenizer {asked}: {_absolute(corpus)} is a prepared dataset tokenized with {own}, which "
+                        f"it is always read with; leave out --tokenizer, or prepare the text with --tokenizer "
+                        f"{asked} (sophia data prepare TEXT --tokenizer {asked})")
+    return own
 
 
 def _is_dataset_dir(path: Path) -> bool:
@@ -207,6 +258,7 @@ def prepare_documents(documents: Iterable[str] | Any, tokenizer: str, data_root:
     (to train, then to encode), so a one-shot iterator is accepted only by the other tokenizers.
     """
     _check_val_fraction(val_fraction)
+    check_data_root(Path(data_root))
     spec = canonical_spec(tokenizer)
     if parse_spec(spec)[0] == "bpe" and iter(documents) is documents:
         raise ValueError(f"{spec} trains on the documents and then encodes them: pass a list or a datasets.Dataset, "

@@ -27,7 +27,7 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -47,6 +47,10 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 BPE_MIN_VOCAB = 257  # the 256 bytes and <|endoftext|>
 BPE_MAX_VOCAB = 65536  # ids must fit the uint16 token files
 BPE_FILE = "tokenizer.json"
+# The BPE trainer's time grows with the square of a pre-token's length (each merge inside a word shifts the rest
+# of it): one 3 MB line of "a" ran for hours. It is given pieces of at most this many characters (see
+# ``training_pieces``), which bounds a pre-token without changing what ordinary text trains.
+BPE_TRAIN_PIECE_CHARS = 1000
 META_FILE = "meta.json"
 NANOGPT_META_FILE = "meta.pkl"
 
@@ -129,9 +133,11 @@ class BPETokenizer:
         self.eot_token = hf.token_to_id(EOT_TEXT)
 
     @classmethod
-    def train(cls, vocab_size: int, texts: str | Iterable[str]) -> BPETokenizer:
+    def train(cls, vocab_size: int, texts: str | Iterable[str], *,
+              max_piece_chars: int | None = BPE_TRAIN_PIECE_CHARS) -> BPETokenizer:
         """Train on ``texts`` (one string or an iterable of documents). Deterministic: the same texts in the same
-        order give the same tokenizer."""
+        order give the same tokenizer. The trainer sees the texts cut by :func:`training_pieces` into pieces of at
+        most ``max_piece_chars`` characters (None: whole), so that a very long line trains in linear time."""
         _check_bpe_vocab(vocab_size)
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -141,7 +147,10 @@ class BPETokenizer:
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=0, show_progress=False,
                                       special_tokens=[EOT_TEXT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        hf.train_from_iterator([texts] if isinstance(texts, str) else texts, trainer=trainer)
+        documents = [texts] if isinstance(texts, str) else texts
+        if max_piece_chars is not None:
+            documents = training_pieces(documents, max_piece_chars)
+        hf.train_from_iterator(documents, trainer=trainer)
         return cls(hf, f"bpe:{vocab_size}")
 
     @classmethod
@@ -192,6 +201,33 @@ class CharTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self._itos.get(int(i), "\ufffd") for i in ids)
+
+
+def training_pieces(texts: Iterable[str], max_chars: int = BPE_TRAIN_PIECE_CHARS) -> Iterator[str]:
+    """``texts`` cut into pieces of at most ``max_chars`` characters, for the BPE trainer; joined, they are the texts.
+
+    A text is cut where GPT-2's pre-tokenization (the trainer's) already has a boundary: before a space that
+    follows a non-space character, where a word ends and `` word`` begins. So the pre-tokens, and the tokenizer
+    trained on them, are those of the whole texts. Only a stretch of ``max_chars`` without such a place (one
+    very long word, number or run of whitespace) is cut where the limit falls.
+
+    >>> list(training_pieces(["to be or not", "aaaaaaa"], max_chars=6))
+    ['to be', ' or', ' not', 'aaaaaa', 'a']
+    """
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    for text in texts:
+        start, n = 0, len(text)
+        while n - start > max_chars:
+            end = start + max_chars
+            cut = text.rfind(" ", start + 1, end + 1)
+            while cut > start and text[cut - 1].isspace():  # inside a run of whitespace: not a boundary
+                cut = text.rfind(" ", start + 1, cut)
+            if cut <= start:
+                cut = end
+            yield text[start:cut]
+            start = cut
+        yield text[start:]
 
 
 def parse_spec(spec: str) -> tuple[str, int | None]:
