@@ -100,7 +100,7 @@ def _variants(shapes, dtype, include_compiled: bool, device: torch.device) -> li
     if include_compiled and device.type == "cuda":
         add("SophiaG compiled + CUDA graph", "sophiag", lambda ps: SophiaG(ps, lr=1e-4, cuda_graph=True))
     add("SophiaH step (no refresh)", "sophiah",
-        lambda ps: SophiaH(ps, lr=1e-4, update_period=10 ** 9))
+        lambda ps: SophiaH(ps, lr=1e-4, hessian_interval=10 ** 9))
     add("AdamW for-loop", "adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=False))
     add("AdamW foreach", "adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True))
     add("AdamW fused", "adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True))
@@ -133,7 +133,7 @@ def _variants(shapes, dtype, include_compiled: bool, device: torch.device) -> li
 
         # Its refresh differentiates the gradient; hand it one estimate instead, then time plain steps.
         add("SophiaH (pytorch-optimizer)", "po-sophiah",
-            lambda ps: POSophiaH(ps, lr=1e-4, update_period=10 ** 9),
+            lambda ps: POSophiaH(ps, lr=1e-4, hessian_interval=10 ** 9),
             prime=lambda opt, ps: opt.step(hessian=[torch.rand_like(p) for p in ps]))
     except ImportError:
         pass
