@@ -312,16 +312,21 @@ def test_a_subclass_loads_its_familys_state_dicts():
 
 
 # -- a refused step changes nothing ----------------------------------------------------------------
-@pytest.mark.parametrize("cls", OPTIMIZERS)
-@pytest.mark.parametrize("name,bad", [("lr", dict(lr="0.1")), ("betas", dict(betas=(0.9,))),
-                                      ("rho", dict(rho=-1.0)), ("eps", dict(eps=0.0))])
-def test_a_setting_corrupted_after_construction_fails_the_step_before_anything_changes(cls, name, bad):
+def _two_groups_after_a_step(cls):
     g = torch.Generator().manual_seed(0)
     groups = [{"params": [torch.nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64))]} for _ in range(2)]
     opt = cls(groups, lr=0.01)
     for grp in groups:
         grp["params"][0].grad = torch.ones(3, dtype=torch.float64)
     opt.step()
+    return opt, groups
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("name,bad", [("lr", dict(lr="0.1")), ("betas", dict(betas=(0.9,))),
+                                      ("rho", dict(rho=-1.0)), ("eps", dict(eps=0.0))])
+def test_a_setting_corrupted_after_construction_fails_the_step_before_anything_changes(cls, name, bad):
+    opt, groups = _two_groups_after_a_step(cls)
     opt.param_groups[1].update(bad)  # the second group: the first must not have moved when it is refused
     snap = _snapshot(opt)
     before = [grp["params"][0].detach().clone() for grp in groups]
@@ -410,12 +415,7 @@ def test_integer_logits_are_refused_by_name():
 @pytest.mark.parametrize("form", ["bs", "estimates"])
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_a_setting_corrupted_after_construction_fails_the_refresh_before_anything_changes(cls, form):
-    g = torch.Generator().manual_seed(0)
-    groups = [{"params": [torch.nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64))]} for _ in range(2)]
-    opt = cls(groups, lr=0.01)
-    for grp in groups:
-        grp["params"][0].grad = torch.ones(3, dtype=torch.float64)
-    opt.step()
+    opt, groups = _two_groups_after_a_step(cls)
     opt.param_groups[1]["betas"] = (0.9, 1.5)
     snap = _snapshot(opt)
     with pytest.raises(ValueError, match="betas"):
