@@ -133,7 +133,7 @@ def _variants(shapes, dtype, include_compiled: bool, device: torch.device) -> li
 
         # Its refresh differentiates the gradient; hand it one estimate instead, then time plain steps.
         add("SophiaH (pytorch-optimizer)", "po-sophiah",
-            lambda ps: POSophiaH(ps, lr=1e-4, hessian_interval=10 ** 9),
+            lambda ps: POSophiaH(ps, lr=1e-4, update_period=10 ** 9),
             prime=lambda opt, ps: opt.step(hessian=[torch.rand_like(p) for p in ps]))
     except ImportError:
         pass
