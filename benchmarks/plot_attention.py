@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sophia.lm.checkpoint import read_metrics
+from sophia.lm.metrics import read_metrics
 from sophia.plotting import finish_axes, pyplot, save
 
 

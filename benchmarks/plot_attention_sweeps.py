@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from sophia.bench.converge import Setting
-from sophia.lm.checkpoint import read_metrics
+from sophia.lm.metrics import read_metrics
 from sophia.plotting import finish_axes, pyplot, save
 
 NAMES = {"adamw": "AdamW", "sophiag": "SophiaG", "lion": "Lion", "muon": "Muon"}

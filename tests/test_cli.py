@@ -73,3 +73,21 @@ def test_bench_overhead_quick_writes_report_and_results(tmp_path, capsys):
 def test_bench_overhead_rejects_steps_not_a_multiple_of_k(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "overhead", "--steps", "15", "--out-dir", str(tmp_path)])
+
+
+def test_each_command_reports_its_own_errors(tmp_path, capsys):
+    from sophia.cli import COMMANDS, EXTRAS
+
+    assert [c.name for c in COMMANDS] == ["train", "sample", "data", "demo", "bench"] and set(EXTRAS) == {
+        c.name for c in COMMANDS}
+    # options that parse but do not go together: argparse's usage error, from the top-level parser, exit status 2
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "step", "--rounds", "1", "--out-dir", str(tmp_path / "step")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: sophia [-h]") and "sophia: error: --rounds must be >= 2" in err
+    # a bad input the command finds: one line, exit status 1
+    assert main(["train", "--json"]) == 1
+    assert capsys.readouterr().err == "error: --json goes with --dry-run\n"
+    assert main(["bench", "converge", "--lrs", "adamw", "--out-dir", str(tmp_path / "cv")]) == 1
+    assert capsys.readouterr().err == "error: --lrs takes OPT=LR,LR,..., got 'adamw'\n"
+    assert not (tmp_path / "step").exists() and not (tmp_path / "cv").exists()

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import sophia
-from sophia.lm.checkpoint import list_checkpoints, read_metrics
+from sophia.lm.checkpoint import list_checkpoints
+from sophia.lm.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",

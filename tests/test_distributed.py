@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from sophia import SampledLoss, SophiaG, gnb_refresh
+from sophia.lm.parallel import close_process_group
 
 STEPS = 4
 
@@ -44,6 +45,7 @@ def _train(model, rows, distributed):
 
 def _worker(rank, world, path, out):
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    done = False
     try:
         from torch.distributed.fsdp import fully_shard
 
@@ -54,8 +56,12 @@ def _worker(rank, world, path, out):
         full = [p.full_tensor() for p in model.parameters()]
         if rank == 0:
             torch.save({"params": full, "ns": ns, "diag": diag}, out)
+        done = True
     finally:
-        dist.destroy_process_group()
+        # Not a bare destroy_process_group: FSDP2 keeps the group's gloo threads alive past it, and a rank exiting
+        # while one of them still lets go of the last collective's tensors aborts (SIGABRT, "terminate called
+        # without an active exception"). close_process_group drains them first.
+        close_process_group(drain=done)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")

@@ -1,6 +1,5 @@
 """`sophia bench toy | step | overhead` through the real CLI: an earlier run's results are never
-replaced unless asked, and a bad --device or --out-dir is one line, with nothing created (issue 9,
-items 4 and 9)."""
+replaced unless asked, and a bad --device or --out-dir is one line, with nothing created."""
 
 from __future__ import annotations
 

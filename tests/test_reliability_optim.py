@@ -1,5 +1,5 @@
 """A refused optimizer call changes nothing; bad input to the optimizers and estimators gets a
-clear error, checked before anything is touched (issue 9: items 2 and the smaller ones)."""
+clear error, checked before anything is touched."""
 
 from __future__ import annotations
 

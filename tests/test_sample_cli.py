@@ -1,5 +1,5 @@
 """`sophia sample` through the real CLI: settings checked with one-line errors, temperature 0 is
-greedy decoding, and text is printed while it is generated (issue 9, item 10)."""
+greedy decoding, and text is printed while it is generated."""
 
 from __future__ import annotations
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sophia.lm.checkpoint import has_checkpoint, load_checkpoint, read_metrics
+from sophia.lm.checkpoint import has_checkpoint, load_checkpoint
 from sophia.lm.config import TrainConfig, resolve_config, resume_config
+from sophia.lm.metrics import read_metrics
 from sophia.lm.train import format_summary, train
 
 OPTIMIZERS = ("sophiag", "adamw")

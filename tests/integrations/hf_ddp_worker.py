@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from sophia.lm.parallel import close_process_group
+
 
 def main(out_dir: str) -> None:
     import hf_trainer_gpt2 as ex  # on PYTHONPATH (examples/)
@@ -33,6 +35,9 @@ def main(out_dir: str) -> None:
                     "hessian": [opt.state[p]["hessian"].clone() for p in trainer.model.parameters()],
                     "hessian_updates": opt.hessian_updates, "refreshes": trainer.hessian_refreshes,
                     "counts": counts}, os.path.join(out_dir, f"{sophia}-rank{rank}.pt"))
+    # every rank gets here: the group is drained, then destroyed, before the rank exits (close_process_group
+    # says why a rank exiting with gloo's threads still at work can abort)
+    close_process_group()
 
 
 if __name__ == "__main__":

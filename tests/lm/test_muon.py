@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from sophia.cli import main
-from sophia.lm.checkpoint import list_checkpoints, read_metrics
+from sophia.lm.checkpoint import list_checkpoints
 from sophia.lm.config import TrainError, resolve_config
+from sophia.lm.metrics import read_metrics
 from sophia.lm.model import GPT, GPTConfig
 from sophia.lm.muon import MUON_MOMENTUM, Muon, MuonAdamW, newton_schulz
 from sophia.lm.optimizers import OptimizerSettings, build_optimizer

@@ -1,4 +1,4 @@
-"""`sophia train` never trains on the wrong thing or loses what a user has (issue 9, the training side):
+"""`sophia train` never trains on the wrong thing or loses what a user has:
 resume from another directory, changed data, bad token ids, nanoGPT directories, file-system errors."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sophia.lm.checkpoint import list_checkpoints, read_metrics
+from sophia.lm.checkpoint import list_checkpoints
+from sophia.lm.metrics import read_metrics
 
 SMALL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
          "--eval-batches", "2", "--warmup-steps", "2", "--no-progress"]

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sophia.lm.checkpoint import list_checkpoints, load_checkpoint, read_metrics, torch_save
+from sophia.lm.checkpoint import list_checkpoints, load_checkpoint, torch_save
+from sophia.lm.metrics import read_metrics
 from sophia.lm.model import GPT, GPTConfig
 from sophia.lm.tokenizers import load_tokenizer
 

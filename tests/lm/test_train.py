@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from sophia.cli import main
-from sophia.lm.checkpoint import list_checkpoints, read_metrics
+from sophia.lm.checkpoint import list_checkpoints
+from sophia.lm.metrics import read_metrics
 
 SMALL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
          "--eval-batches", "2", "--warmup-steps", "3", "--log-every", "1", "--no-progress"]

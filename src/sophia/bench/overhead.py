@@ -10,7 +10,6 @@ forward/backward passes per step come from the harness's own counters.
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import sys
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 from sophia.bench.machine import check_out_dir, machine_info, resolve_device, synchronize
+from sophia.fileio import atomic_write_json, atomic_write_text
 from sophia.lm.config import TrainConfig, TrainError, resolve_config
 from sophia.lm.presets import QUICK_MODEL
 from sophia.lm.train import Trainer
@@ -143,7 +143,7 @@ def main(out_dir: str, presets: list[str] | None = None, steps: int | None = Non
               "presets": [measure(p, steps, out, quick, log=lambda m: print(m, file=sys.stderr), overrides=given)
                           for p in presets]}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out / "results.json", result)
     text = report(result)
-    (out / "report.md").write_text(text)
+    atomic_write_text(out / "report.md", text)
     print(text)

@@ -9,7 +9,6 @@ write of every tensor stream) over the copy bandwidth measured in the same run.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import statistics
@@ -21,6 +20,7 @@ import torch
 
 from sophia.bench.machine import check_out_dir, machine_info, resolve_device
 from sophia.bench.machine import synchronize as _sync
+from sophia.fileio import atomic_write_json, atomic_write_text
 from sophia.optim import SophiaG, SophiaH
 
 
@@ -250,6 +250,6 @@ def main(out_dir: str, preset: str, dtype: str, rounds: int, quick: bool, compil
     result["command"] = command
     text = report(result, command)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "report.md").write_text(text)
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "report.md", text)
     print(text)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from sophia.bench.machine import check_out_dir, machine_info
+from sophia.fileio import atomic_write_json, atomic_write_text
 from sophia.optim import SophiaG
 
 METHODS = ("GD", "Adam", "SignGD", "Newton", "SophiaG")
@@ -272,8 +273,8 @@ def main(out_dir: str, quick: bool = False, command: str = "sophia bench toy",
         for r in res["best"].values():
             r.pop("path", None)
             r["losses"] = r["losses"][:: max(1, len(r["losses"]) // 200)]
-    (out / "results.json").write_text(json.dumps(slim, indent=2) + "\n")
+    atomic_write_json(out / "results.json", slim)
     text = report(result)
-    (out / "report.md").write_text(text)
+    atomic_write_text(out / "report.md", text)
     print(text)
     return result

@@ -1,4 +1,4 @@
-"""Atomic, rotated checkpoints and the run's metrics log.
+"""Atomic, rotated checkpoints, and the run folder's copy of its tokenizer.
 
 A run directory holds ``checkpoint-STEP.pt`` files (STEP zero-padded to 8 digits), the newest
 ``keep`` of them; each is written to a temporary file, fsynced, renamed into place and the
@@ -29,18 +29,17 @@ import os
 import re
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sophia.fileio import atomic_write_bytes, fsync_dir
 from sophia.lm.config import TrainError
-from sophia.lm.data import fsync_dir
+from sophia.lm.metrics import METRICS
 
 CHECKPOINT = "checkpoint.pt"  # the name earlier versions used (read, never written)
-METRICS = "metrics.jsonl"
 TOKENIZER_DIR = "tokenizer"  # what `sophia sample` needs to decode, kept in the run folder
 _NUMBERED = re.compile(r"checkpoint-(\d{8})\.(pt|dcp)")
 SHARDED_META = "meta.pt"  # in a .dcp folder: everything but the tensors DCP holds
@@ -87,22 +86,6 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 def has_checkpoint(out_dir: Path) -> bool:
     return bool(list_checkpoints(out_dir))
-
-
-def atomic_write_bytes(path: Path, writer) -> None:
-    """Write through ``writer(file)`` into a temporary file beside ``path``, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _remove(path: Path) -> None:
@@ -396,94 +379,6 @@ def load_checkpoint(out_dir: Path, purpose: str = "--resume", log: Log | None = 
         return ckpt
     assert first_error is not None
     raise first_error
-
-
-class MetricsLog:
-    """DIR/metrics.jsonl: one JSON object per event, appended and flushed line by line."""
-
-    def __init__(self, out_dir: Path, enabled: bool = True) -> None:
-        self.path = out_dir / METRICS
-        self.enabled = enabled
-
-    def truncate_after(self, step: int, log: Log | None = _stderr) -> None:
-        """Drop events of steps after ``step`` (those a resumed run will redo). Lines that are not readable
-        events are dropped too, once the file as it was is kept beside it (``metrics.jsonl.TIME.damaged``)
-        and ``log`` has said so; a last line cut by a kill is dropped quietly."""
-        if not (self.enabled and self.path.exists()):
-            return
-        raw = self.path.read_bytes()
-        lines, bad = _scan_metrics(raw)
-        if bad:
-            aside = self.path.with_name(f"{METRICS}.{time.strftime('%Y%m%d-%H%M%S')}.damaged")
-            atomic_write_bytes(aside, lambda f: f.write(raw))
-            if log is not None:
-                log(f"warning: {_skipped_lines(self.path, bad)}; the file as it was is kept as {aside.name}")
-        text = b"".join(line + b"\n" for line, event in lines if event is not None and event["step"] <= step)
-        atomic_write_bytes(self.path, lambda f: f.write(text))
-
-    def write(self, event: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(event) + "\n")
-            f.flush()
-
-
-def _event_of(line: bytes) -> dict[str, Any] | str:
-    """The event a line of metrics.jsonl holds, or why it holds none: an event is a JSON object with an integer
-    ``step`` and a string ``event`` (and a number ``val_loss`` or ``train_loss`` for eval and train events)."""
-    try:
-        event = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
-        return "not UTF-8 text"
-    except ValueError:
-        return "not JSON"
-    if not isinstance(event, dict):
-        return f"a JSON {type(event).__name__}, not an object"
-    step, kind = event.get("step"), event.get("event")
-    if type(step) is not int or step < 0:
-        return f"step is {step!r}"
-    if not isinstance(kind, str):
-        return f"event is {kind!r}"
-    loss = {"eval": "val_loss", "train": "train_loss"}.get(kind)
-    if loss is not None and (isinstance(event.get(loss), bool) or not isinstance(event.get(loss), (int, float))):
-        return f"{loss} is {event.get(loss)!r}"
-    return event
-
-
-def _scan_metrics(raw: bytes) -> tuple[list[tuple[bytes, dict[str, Any] | None]], list[tuple[int, str]]]:
-    """Each non-blank line with its event (None when it holds none), and the (line number, reason) of those
-    that hold none, except a last line without its newline: one a kill cut short (or being written now)."""
-    parts = raw.split(b"\n")
-    lines: list[tuple[bytes, dict[str, Any] | None]] = []
-    bad: list[tuple[int, str]] = []
-    for number, line in enumerate(parts, 1):
-        if not line.strip():
-            continue
-        event = _event_of(line)
-        if isinstance(event, str):
-            if number < len(parts):  # a whole line, not the unterminated tail
-                bad.append((number, event))
-            lines.append((line, None))
-        else:
-            lines.append((line, event))
-    return lines, bad
-
-
-def _skipped_lines(path: Path, bad: list[tuple[int, str]]) -> str:
-    number, why = bad[0]
-    return (f"{path}: skipped {len(bad)} line(s) that are not readable events (the first, line {number}: {why}; "
-            "damaged, or written by something else)")
-
-
-def read_metrics(out_dir: Path, log: Log | None = _stderr) -> list[dict[str, Any]]:
-    """The events of ``out_dir/metrics.jsonl`` in order; lines that hold none (see :func:`_event_of`) are skipped,
-    and ``log`` says once how many."""
-    path = Path(out_dir) / METRICS
-    lines, bad = _scan_metrics(path.read_bytes())
-    if bad and log is not None:
-        log(f"warning: {_skipped_lines(path, bad)}")
-    return [event for _, event in lines if event is not None]
 
 
 def tokenizer_fingerprint(folder: Path) -> str | None:

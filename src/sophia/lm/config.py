@@ -7,10 +7,10 @@ import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sophia.lm.muon import MUON_NS_DTYPES
-from sophia.lm.optimizers import NEEDS_CREATE_GRAPH, OPTIMIZERS
+from sophia.lm.optimizers import OPTIMIZERS, REGISTRY
 from sophia.lm.presets import get_preset
 
 
@@ -31,64 +31,104 @@ def check_writable_dir(path: str | os.PathLike[str], flag: str) -> None:
             return
 
 
+_SOPHIA = ("sophiag", "sophiah")  # the optimizers with rho and a Hessian estimate of the batch
+
+
+def setting(default: Any, help: str = "", *, choices: tuple[str, ...] | None = None,
+            resumable: bool | Literal["schedule"] = False, used_by: tuple[str, ...] | None = None,
+            own_option: bool = False) -> Any:
+    """A :class:`TrainConfig` field with everything ``sophia train`` says and checks about it, in one place.
+
+    ``help``: the option's help text (the default is appended). ``choices``: the values it takes (checked by
+    :meth:`TrainConfig.validate`, "--flag must be a, b or c"). ``resumable``: whether ``--resume`` may change it:
+    True for settings that leave the run exact (bookkeeping, speed), ``"schedule"`` for those that change what is
+    trained (recorded in metrics.jsonl). ``used_by``: the optimizers that read it (None: all); given explicitly
+    to another, it is said to have no effect. ``own_option``: ``sophia train`` has its own option for it rather
+    than an override of the preset.
+
+    >>> [f.metadata["used_by"] for f in dataclasses.fields(TrainConfig) if f.name == "rho"]
+    [('sophiag', 'sophiah')]
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "resumable": resumable,
+                                                        "used_by": used_by, "own_option": own_option})
+
+
 @dataclass
 class TrainConfig:
-    preset: str = "tiny"
-    optimizer: str = "sophiag"
-    out_dir: str = "runs/tiny-sophiag"
-    data_root: str = "data"
-    corpus: str = "shakespeare"
-    tokenizer: str = "byte"
+    """The settings of a training run. Each is a :func:`setting`: its ``sophia train`` option, help text, choices,
+    whether a resume may change it and which optimizers read it are all derived from the field."""
+
+    preset: str = setting("tiny", own_option=True)
+    optimizer: str = setting("sophiag", own_option=True)
+    out_dir: str = setting("runs/tiny-sophiag", own_option=True)
+    data_root: str = setting("data", "where prepared datasets live", resumable=True)
+    corpus: str = setting("shakespeare", "shakespeare, openwebtext, a text file or folder, or a prepared (or "
+                                         "nanoGPT) data directory")
+    tokenizer: str = setting("byte", "byte, gpt2 or bpe:N")
     # model
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
-    qk_norm: bool = False  # RMSNorm of q and k per head (not in the paper's GPT-2)
-    vocab_pad_multiple: int = 64  # embedding/head rows padded to a multiple (padded ids never scored)
+    block_size: int = setting(128)
+    n_layer: int = setting(4)
+    n_head: int = setting(4)
+    n_embd: int = setting(128)
+    dropout: float = setting(0.0)
+    bias: bool = setting(True)
+    qk_norm: bool = setting(False, "RMSNorm of queries and keys per head")  # not in the paper's GPT-2
+    vocab_pad_multiple: int = setting(64, "pad the embedding/head rows to a multiple (padded ids are never scored)")
     # batch and schedule
-    batch_size: int = 32
-    grad_accum: int = 1
-    max_steps: int = 1000
-    warmup_steps: int = 100
-    lr_decay_steps: int | None = None  # None: max_steps
+    batch_size: int = setting(32, "sequences per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per step over all ranks")
+    max_steps: int = setting(1000, resumable="schedule")
+    warmup_steps: int = setting(100)
+    lr_decay_steps: int | None = setting(None, "end of the cosine decay (None: --max-steps)", resumable="schedule")
     # optimizer
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    rho: float = 0.05
-    eps: float | None = None
-    muon_lr: float | None = None  # Muon's hidden matrices (--lr is its AdamW part's); None: the preset's
-    muon_ns_dtype: str = "bfloat16"  # Muon's Newton-Schulz iteration: bfloat16 (torch's) or float32
-    grad_clip: float = 1.0  # 0 disables
-    hessian_interval: int = 10
-    hessian_batch_fraction: float = 1.0
+    lr: float = setting(2e-3, resumable="schedule")
+    min_lr: float = setting(2e-4, resumable="schedule")
+    weight_decay: float = setting(0.1)
+    beta1: float = setting(0.9)
+    beta2: float = setting(0.95)
+    rho: float = setting(0.05, "Sophia's clipping threshold", used_by=_SOPHIA)
+    eps: float | None = setting(None)  # None: the optimizer's own default
+    muon_lr: float | None = setting(None, "muon: the lr of the hidden matrices (--lr is the AdamW part's: "
+                                          "embeddings, norms, biases)", used_by=("muon",))  # None: the preset's
+    muon_ns_dtype: str = setting("bfloat16", "muon: the Newton-Schulz iteration's dtype, bfloat16 (torch's) or "
+                                             "float32 (faster on a CPU without native bfloat16 matmuls, e.g. AVX2 "
+                                             "only)", choices=MUON_NS_DTYPES, used_by=("muon",))
+    grad_clip: float = setting(1.0)  # 0 disables
+    hessian_interval: int = setting(10, "k: steps between Hessian refreshes (Sophia, AdaHessian)",
+                                    used_by=(*_SOPHIA, "adahessian"))
+    hessian_batch_fraction: float = setting(1.0, "fraction of the batch used for the Hessian estimate",
+                                            used_by=_SOPHIA)
     # bookkeeping
-    eval_every: int = 100
-    eval_batches: int = 20
-    checkpoint_every: int = 250
-    log_every: int = 10
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"  # auto | float32 | bfloat16 (autocast)
-    compile: bool | None = None  # None: on for CUDA, off for CPU
-    progress: bool = True
-    flush_denormal: bool = True  # CPU only: subnormal floats to zero (restored after the run)
-    attn_logit_warn: float = 300.0  # warn once when an attention logit exceeds this (0: never)
-    tf32: bool = True  # CUDA only: TensorFloat-32 for fp32 matmuls (restored after the run)
-    fused_optimizer: bool = True  # CUDA only: fused AdamW, SophiaG's CUDA-graph path
-    memory_check: bool = True
-    device_memory_gib: float | None = None  # None: the device's own
-    peak_tflops: float | None = None  # for MFU; None: from the table of known GPUs
-    max_skipped_steps: int = 10  # consecutive steps with a non-finite gradient before the run stops
-    keep_checkpoints: int = 2
-    dist_timeout_min: float = 30.0  # torch.distributed collective timeout
-    parallel: str = "ddp"  # ddp (every rank holds everything) | fsdp (FSDP2: weights, grads, state sharded)
-    activation_checkpointing: bool = False  # recompute each block's activations in the backward
+    eval_every: int = setting(100, resumable=True)
+    eval_batches: int = setting(20)
+    checkpoint_every: int = setting(250, resumable=True)
+    log_every: int = setting(10, resumable=True)
+    seed: int = setting(0)
+    device: str = setting("auto", "auto, cpu or cuda[:N]", resumable=True)
+    dtype: str = setting("auto", "auto (bf16 autocast on CUDA), float32 or bfloat16",
+                         choices=("auto", "float32", "bfloat16"))
+    compile: bool | None = setting(None, "torch.compile the model (default on CUDA)", resumable=True)
+    progress: bool = setting(True, resumable=True)
+    flush_denormal: bool = setting(True, "CPU: flush subnormal floats to zero during the run",
+                                   resumable=True)  # restored after the run
+    attn_logit_warn: float = setting(300.0, "warn when an attention logit passes this (0: never)", resumable=True)
+    tf32: bool = setting(True, "CUDA: TF32 matmuls for fp32", resumable=True)  # restored after the run
+    fused_optimizer: bool = setting(True, "CUDA: fused AdamW, SophiaG's CUDA-graph step", resumable=True)
+    memory_check: bool = setting(True, "refuse a run whose estimated memory does not fit the device",
+                                 resumable=True)
+    device_memory_gib: float | None = setting(None, "the device memory to plan for (default: the device's)",
+                                              resumable=True)
+    peak_tflops: float | None = setting(None, "the device's peak for MFU (default: a table of known GPUs)",
+                                        resumable=True)
+    max_skipped_steps: int = setting(10, "consecutive non-finite-gradient steps before the run stops",
+                                     resumable=True)
+    keep_checkpoints: int = setting(2, "step-numbered checkpoints kept", resumable=True)
+    dist_timeout_min: float = setting(30.0, "collective timeout in minutes", resumable=True)
+    parallel: str = setting("ddp", "ddp (each rank holds the whole model) or fsdp (FSDP2: weights, gradients and "
+                                   "optimizer state sharded over the ranks; sharded checkpoints)",
+                            choices=("ddp", "fsdp"))
+    activation_checkpointing: bool = setting(False, "recompute each block's activations in the backward (less "
+                                                    "memory, ~1/3 more compute)", resumable=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,24 +171,21 @@ class TrainConfig:
             raise TrainError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.muon_lr is not None and not (math.isfinite(self.muon_lr) and self.muon_lr > 0):
             raise TrainError(f"--muon-lr must be a finite number > 0, got {self.muon_lr!r}")
-        if self.muon_ns_dtype not in MUON_NS_DTYPES:
-            raise TrainError(f"--muon-ns-dtype must be {' or '.join(MUON_NS_DTYPES)}, got {self.muon_ns_dtype!r}")
+        for f in fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise TrainError(f"{flag(f.name)} must be {_one_of(choices)}, got {getattr(self, f.name)!r}")
         if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
             raise TrainError(f"--eps must be a finite number > 0, got {self.eps!r}")
         for name in ("device_memory_gib", "peak_tflops", "dist_timeout_min"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise TrainError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v!r}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise TrainError(f"--parallel must be ddp or fsdp, got {self.parallel!r}")
-        if self.parallel == "fsdp" and self.optimizer in ("adahessian", "muon"):
-            why = ("needs backward(create_graph=True) through the sharded weights, which FSDP2 does not support"
-                   if self.optimizer == "adahessian" else "orthogonalises whole matrices, which FSDP2 shards")
-            raise TrainError(f"--parallel fsdp does not support --optimizer {self.optimizer}: it {why}; use "
-                             "--parallel ddp")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise TrainError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.compile and self.optimizer in NEEDS_CREATE_GRAPH:  # None (the default) just skips compiling
+        entry = REGISTRY[self.optimizer]
+        if self.parallel == "fsdp" and entry.fsdp_refusal is not None:
+            raise TrainError(f"--parallel fsdp does not support --optimizer {self.optimizer}: it {entry.fsdp_refusal}; "
+                             "use --parallel ddp")
+        if self.compile and entry.second_order_graph:  # None (the default) just skips compiling
             raise TrainError(f"--compile does not support the double backward that {self.optimizer} needs")
 
 
@@ -169,6 +206,59 @@ def check_world_size(cfg: TrainConfig, world_size: int, saved_world_size: int | 
 
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+# Settings a resumed run may change: those marked resumable=True leave the run exact; the schedule ones change
+# the run knowingly and are recorded in metrics.jsonl.
+RESUME_CHANGEABLE = {f.name for f in fields(TrainConfig) if f.metadata["resumable"]}
+SCHEDULE_CHANGES = tuple(f.name for f in fields(TrainConfig) if f.metadata["resumable"] == "schedule")
+# Settings only some optimizers read; given explicitly to another, they are said to do nothing.
+USED_BY = {f.name: f.metadata["used_by"] for f in fields(TrainConfig) if f.metadata["used_by"] is not None}
+
+
+def flag(name: str) -> str:
+    """The ``sophia train`` option of the setting ``name``: ``--max-steps`` for ``max_steps``."""
+    return "--" + name.replace("_", "-")
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
+
+
+def unused_settings(optimizer: str, overrides: dict[str, Any]) -> list[str]:
+    """The settings given in ``overrides`` (not None) that ``optimizer`` does not read."""
+    return [k for k, users in USED_BY.items() if overrides.get(k) is not None and optimizer not in users]
+
+
+def to_argv(settings: dict[str, Any]) -> list[str]:
+    """The ``sophia train`` options that give ``settings`` (``{name: value}``, a TrainConfig's fields, e.g.
+    ``cfg.to_dict()`` or a dict of overrides); None means "not given" (the preset's value) and is left out. Options
+    come in the fields' order; a bool is ``--flag`` or ``--no-flag``.
+
+    >>> to_argv({"lr": 0.001, "qk_norm": True, "compile": False, "eps": None, "optimizer": "adamw"})
+    ['--optimizer', 'adamw', '--qk-norm', '--lr', '0.001', '--no-compile']
+    """
+    unknown = set(settings) - FIELD_NAMES
+    if unknown:
+        raise TrainError(f"unknown setting {sorted(unknown)[0]!r}")
+    argv: list[str] = []
+    for f in fields(TrainConfig):
+        value = settings.get(f.name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
+            continue
+        text = repr(value) if isinstance(value, float) else str(value)
+        # a value that starts with "-" and is not a number would be read as an option: give it with "="
+        argv += [f"{flag(f.name)}={text}"] if text.startswith("-") and not _is_number(text) else [flag(f.name), text]
+    return argv
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def resolve_config(preset: str, optimizer: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -209,15 +299,6 @@ def _corpus_tokenizer(corpus: str, asked: str | None, tokenizer: str) -> str | N
         raise TrainError(str(e)) from None
 
 
-# Settings a resumed run may change. Those above the line leave the run exact; the schedule ones
-# (lr, min_lr, max_steps, lr_decay_steps) change the run knowingly and are recorded in metrics.jsonl.
-RESUME_CHANGEABLE = {"eval_every", "checkpoint_every", "log_every", "progress", "device", "data_root",
-                     "flush_denormal", "attn_logit_warn", "compile", "tf32", "fused_optimizer", "memory_check",
-                     "device_memory_gib", "peak_tflops", "max_skipped_steps", "keep_checkpoints", "dist_timeout_min",
-                     "activation_checkpointing",
-                     # --- these change what is trained:
-                     "max_steps", "lr", "min_lr", "lr_decay_steps"}
-SCHEDULE_CHANGES = ("max_steps", "lr", "min_lr", "lr_decay_steps")
 # Defaults for settings that did not exist when an older checkpoint was written (its behaviour then).
 LEGACY_DEFAULTS = {"vocab_pad_multiple": 1, "qk_norm": False, "parallel": "ddp"}
 

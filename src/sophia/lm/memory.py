@@ -59,8 +59,10 @@ from typing import Any
 
 import torch
 
+from sophia.lm.optimizers import REGISTRY
+
 # Optimizer state bytes per parameter (fp32 parameters): exp_avg + hessian, moment buffers, ...
-STATE_BYTES = {"adamw": 8, "sophiag": 8, "sophiah": 8, "lion": 4, "adahessian": 8, "sgd": 4, "muon": 8}
+STATE_BYTES = {name: entry.state_bytes for name, entry in REGISTRY.items()}
 OVERHEAD_BYTES = 1 << 30
 GiB = 2**30
 # Peak dense bf16 tensor-core TFLOPS (no sparsity), for MFU. A name matches when it is contained in the
@@ -170,12 +172,14 @@ def estimate(*, n_layer: int, n_head: int, n_embd: int, block_size: int, vocab: 
     acts += 4 * tokens * n_embd * 2  # embeddings' sum and ln_f's fp32 input
     logits = (2 if bf16 else 4) * tokens * vocab + 12 * tokens * vocab
     refresh = 0
-    if optimizer in ("sophiah", "adahessian"):
-        hb = max(1, round(batch_size * hessian_batch_fraction)) if optimizer == "sophiah" else batch_size
+    entry = REGISTRY.get(optimizer)
+    hutchinson = entry is not None and entry.refresh == "hutchinson"
+    if hutchinson or (entry is not None and entry.second_order_graph):  # a Hessian-vector product's graph
+        hb = max(1, round(batch_size * hessian_batch_fraction)) if hutchinson else batch_size
         ht = hb * block_size
         refresh = 2 * n_layer * activation_bytes_per_layer(ht, n_embd, n_head, block_size, hb, bf16, True)
         refresh += (2 if bf16 else 4) * ht * vocab + 12 * ht * vocab + 8 * n  # and the HVP's vectors
-        if parallel == "fsdp" and optimizer == "sophiah":
+        if parallel == "fsdp" and hutchinson:
             refresh += 8 * n  # the gathered full weights and the full estimate
     return MemoryEstimate(parameters=n, static=static, activations=acts, logits=logits, refresh=refresh,
                           overhead=OVERHEAD_BYTES if cuda else 0)
@@ -330,7 +334,7 @@ def measure_peak_bytes(*, n_layer: int, n_head: int, n_embd: int, block_size: in
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if optimizer == "sophiag":
+        if REGISTRY[optimizer].refresh == "gnb":
             x = tokens[steps, :, :-1].to(dev)
             with amp:  # as `sophia train` refreshes: labels sampled inside the forward
                 sampled_loss = model(x, sample_uniform=torch.rand(x.shape, device=dev))[1]

@@ -11,10 +11,16 @@ training loop needs and DDP does not.
   the meta device, no storage of its own), then each rank keeps the mean over ranks of its shard, by a
   reduce-scatter. While it runs a rank holds one full fp32 copy of the weights and of the estimate: the
   memory of a DDP refresh, for the refresh only.
+* :func:`close_process_group`: the end of a rank's group, after gloo's worker threads have let go of every
+  collective (the reason is in its docstring).
 """
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
+import weakref
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 
@@ -112,6 +118,75 @@ def shard_mean(estimate: Tensor, like: Tensor) -> Tensor:
     return summed.redistribute(like.device_mesh, like.placements) / world
 
 
+def close_process_group(*, drain: bool = True, timeout: float = 60.0) -> None:
+    """Destroy the default process group, first letting gloo's worker threads finish with every collective.
+
+    With ``drain`` (the default) every rank must call it at the same point, as it runs collectives; a rank that
+    leaves on an error (its peers perhaps inside another collective) passes ``drain=False``: the group is only
+    destroyed. Does nothing without a group.
+
+    Why: gloo runs each collective on one of its worker threads (``pt_gloo_runloop``), which drops its reference
+    to the finished work, and with it the work's tensors, only after the rank that waited for it has moved on.
+    Dropping the last C++ reference to a tensor that has a Python object takes the GIL (and freeing that object
+    releases and retakes it). If the rank has meanwhile begun interpreter shutdown, CPython ends the thread with
+    ``pthread_exit`` inside torch's ``noexcept`` decref, and the rank dies after its work is done: "terminate
+    called without an active exception", SIGABRT (a loaded machine widens the window). ``destroy_process_group``
+    does not prevent it once DDP or FSDP2/DTensor has run: they keep the group, and so its threads, alive past it.
+
+    The drain runs rounds of one all-reduce over two fresh tensors, until every rank has seen each of its gloo
+    workers free the first tensor (a weak reference's callback runs in the freeing thread). A worker takes its
+    next work only after releasing the previous one, so every earlier collective has then been let go; and each
+    round waits until the second tensor, released after the first, is back to its own references, so the drain's
+    own works are let go too before the group is destroyed. It costs a few milliseconds. NCCL and other backends
+    are only destroyed.
+    """
+    if not dist.is_initialized():
+        return
+    try:
+        workers = _gloo_workers() if drain else 0
+        if workers:
+            _drain_gloo_workers(workers, timeout)
+    finally:
+        dist.destroy_process_group()
+
+
+def _gloo_workers() -> int:
+    """How many worker threads the default group's gloo backend runs; 0 for any other backend."""
+    if dist.get_backend() != "gloo":
+        return 0
+    try:
+        backend = dist.group.WORLD._get_backend(torch.device("cpu"))
+        return int(backend.options._threads)
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return 2  # gloo's default
+
+
+def _drain_gloo_workers(workers: int, timeout: float) -> None:
+    """See :func:`close_process_group`. Each round's all-reduce (MAX) also carries the verdict: whether some rank
+    has not yet seen all its workers; the ranks stop together."""
+    me = threading.get_native_id()
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.MAX
+    while True:
+        freed_by: list[int] = []
+        first = torch.zeros(1)
+        second = torch.tensor([float(len(seen) < workers and time.monotonic() < deadline)])
+        own_refs = sys.getrefcount(second)
+        watch = weakref.ref(first, lambda _, freed_by=freed_by: freed_by.append(threading.get_native_id()))
+        dist.group.WORLD.allreduce([first, second], opts)  # neither the work nor ``first`` is kept here
+        del first
+        # ``second`` is back to its own references once the thread holding the work's last reference has let go of
+        # both tensors (``first`` before it); sleeping releases the GIL it needs for that
+        while sys.getrefcount(second) > own_refs and time.monotonic() < deadline + timeout:
+            time.sleep(0.0005)
+        del watch
+        seen.update(tid for tid in freed_by if tid != me)
+        if not second.item() > 0:
+            return
+
+
 class HutchinsonReplica:
     """An unsharded twin of a sharded GPT for the Hutchinson Hessian-vector product: a module of the same
     structure on the meta device, called with the gathered full weights (``torch.func.functional_call``)."""
@@ -136,5 +211,5 @@ class HutchinsonReplica:
         return hutchinson(loss_fn, weights)
 
 
-__all__ = ["HutchinsonReplica", "all_ranks_true", "full", "grad_norm", "is_sharded", "local", "set_gradient_sync",
-           "shard_gpt", "shard_mean", "unsharded"]
+__all__ = ["HutchinsonReplica", "all_ranks_true", "close_process_group", "full", "grad_norm", "is_sharded", "local",
+           "set_gradient_sync", "shard_gpt", "shard_mean", "unsharded"]

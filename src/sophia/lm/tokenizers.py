@@ -31,6 +31,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from sophia.fileio import atomic_write_text
+
 if TYPE_CHECKING:
     import tiktoken
     import tokenizers as hf_tokenizers
@@ -166,9 +168,7 @@ class BPETokenizer:
 
     def save(self, path: Path) -> None:
         """Write ``tokenizer.json`` atomically (a temporary file renamed into place)."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self._hf.to_str(), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, self._hf.to_str())
 
     def encode(self, text: str) -> list[int]:
         return self._hf.encode(text, add_special_tokens=False).ids

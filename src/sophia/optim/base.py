@@ -109,12 +109,6 @@ def validate_params(params: Sequence[Any], group: Mapping[str, Any], owner: str)
                              f"group is on {p.device}; move the model to the GPU first, or leave cuda_graph off")
 
 
-def validate_group(group: Mapping[str, Any], owner: str) -> None:
-    """Raise naming the first invalid setting or parameter of a param group."""
-    validate_hyperparameters(group, owner)
-    validate_params(group["params"], group, owner)
-
-
 def _group_tensors(params: Any) -> list[Any]:
     """The parameters of a group as torch's add_param_group will store them (names dropped)."""
     if isinstance(params, Tensor):
