@@ -259,15 +259,17 @@ def batch_main(out: str, *dirs: str) -> None:
                   "| tokens/step | " + " | ".join(f"{NAMES[n]} steps | per doubling" for n in names) + " |",
                   "|---:|" + "---:|---:|" * len(names)]
         sizes = sorted({r["tokens_per_step"] for r in rows})
-        prev: dict[str, float | None] = {}
+        prev: dict[str, tuple[int, float | None]] = {}  # the previous batch size and its steps
         for b in sizes:
             cells = []
             for n in names:
                 r = next((r for r in rows if r["optimizer"] == n and r["tokens_per_step"] == b), None)
                 s_ = (r["to_targets"][label] or {}).get("steps") if r else None
-                factor = prev.get(n) / s_ if prev.get(n) and s_ else None
+                b0, s0 = prev.get(n, (b, None))
+                # per doubling of the batch: a step from 4,096 to 16,384 tokens is two doublings
+                factor = (s0 / s_) ** (1 / math.log2(b / b0)) if s0 and s_ else None
                 cells.append(f"{_fmt(s_, '.0f', 'not reached')} | {_fmt(factor, '.2f')}")
-                prev[n] = s_
+                prev[n] = (b, s_)
             lines.append(f"| {b:,} | " + " | ".join(cells) + " |")
     lines += ["", "Plot: `batch.png` (left: steps to each target against tokens per step, log-log, with perfect "
               "scaling dotted; right: SophiaG's final loss over AdamW's, and AdamW's steps to SophiaG's loss over "
@@ -279,6 +281,9 @@ def batch_main(out: str, *dirs: str) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if args else 2)
     if args[:2] == ["--by", "batch"]:
         batch_main(*args[2:])
     elif args[:2] == ["--by", "budget"]:
