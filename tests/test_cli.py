@@ -78,7 +78,7 @@ def test_bench_overhead_rejects_steps_not_a_multiple_of_k(tmp_path, capsys):
 def test_each_command_reports_its_own_errors(tmp_path, capsys):
     from sophia.cli import COMMANDS, EXTRAS
 
-    assert [c.name for c in COMMANDS] == ["train", "sample", "data", "demo", "bench"] and set(EXTRAS) == {
+    assert [c.name for c in COMMANDS] == ["train", "sample", "data", "compare", "demo", "bench"] and set(EXTRAS) == {
         c.name for c in COMMANDS}
     # options that parse but do not go together: argparse's usage error, from the top-level parser, exit status 2
     with pytest.raises(SystemExit) as e:

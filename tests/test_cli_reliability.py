@@ -301,7 +301,7 @@ def test_the_extras_table_follows_pyproject():
         # every module the table checks is installed by the extra it names, and the extra brings nothing else
         # a command imports (datasets: only the openwebtext corpus, which says so itself)
         assert set(needed) == modules(extra) - {"datasets"}, command
-    assert set(EXTRAS) == {"train", "sample", "data", "demo", "bench"}
+    assert set(EXTRAS) == {"train", "sample", "data", "compare", "demo", "bench"}
     assert missing_extra("train") is None  # this environment has them all
 
 

@@ -37,12 +37,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, writer: Callable[[IO[bytes]], Any]) -> None:
     """Write through ``writer(file)`` (a binary file) into a temporary file beside ``path``, then rename it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); the target gets the permissions a plain open would give it
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             writer(f)
             f.flush()

@@ -1,4 +1,4 @@
-"""Command line: ``sophia train | sample | data prepare | demo | bench step|overhead|converge|toy``. Thin.
+"""Command line: ``sophia train | sample | data prepare | compare | demo | bench step|overhead|converge|toy``. Thin.
 
 Each command lives in its own module as a :class:`~sophia.cli.command.Command`: a function that adds its arguments
 and one that runs it. :func:`main` parses, checks the command's extra is installed, and dispatches.
@@ -10,14 +10,15 @@ import argparse
 import shlex
 import sys
 
-from sophia.cli import bench, data, demo, sample, train
+from sophia.cli import bench, compare, data, demo, sample, train
 from sophia.cli.command import Call, Command, Group, UsageError, add_commands
 from sophia.cli.extras import BENCH_MODULES, EXTRAS, LM_MODULES, missing_extra
 from sophia.lm.config import TrainError
 
 __all__ = ["BENCH_MODULES", "COMMANDS", "EXTRAS", "LM_MODULES", "main", "missing_extra"]
 
-COMMANDS: tuple[Command | Group, ...] = (train.COMMAND, sample.COMMAND, data.GROUP, demo.COMMAND, bench.GROUP)
+COMMANDS: tuple[Command | Group, ...] = (train.COMMAND, sample.COMMAND, data.GROUP, compare.COMMAND, demo.COMMAND,
+                                         bench.GROUP)
 
 
 def main(argv: list[str] | None = None) -> int:

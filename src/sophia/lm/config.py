@@ -36,11 +36,12 @@ _SOPHIA = ("sophiag", "sophiah")  # the optimizers with rho and a Hessian estima
 
 def setting(default: Any, help: str = "", *, choices: tuple[str, ...] | None = None,
             resumable: bool | Literal["schedule"] = False, used_by: tuple[str, ...] | None = None,
-            own_option: bool = False) -> Any:
+            own_option: bool = False, comma_list: bool = False) -> Any:
     """A :class:`TrainConfig` field with everything ``sophia train`` says and checks about it, in one place.
 
     ``help``: the option's help text (the default is appended). ``choices``: the values it takes (checked by
-    :meth:`TrainConfig.validate`, "--flag must be a, b or c"). ``resumable``: whether ``--resume`` may change it:
+    :meth:`TrainConfig.validate`, "--flag must be a, b or c"); with ``comma_list``, a comma list of them ("--flag
+    must be a comma list of a, b or c"). ``resumable``: whether ``--resume`` may change it:
     True for settings that leave the run exact (bookkeeping, speed), ``"schedule"`` for those that change what is
     trained (recorded in metrics.jsonl). ``used_by``: the optimizers that read it (None: all); given explicitly
     to another, it is said to have no effect. ``own_option``: ``sophia train`` has its own option for it rather
@@ -50,7 +51,8 @@ def setting(default: Any, help: str = "", *, choices: tuple[str, ...] | None = N
     [('sophiag', 'sophiah')]
     """
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "resumable": resumable,
-                                                        "used_by": used_by, "own_option": own_option})
+                                                        "used_by": used_by, "own_option": own_option,
+                                                        "comma_list": comma_list})
 
 
 @dataclass
@@ -129,6 +131,14 @@ class TrainConfig:
                             choices=("ddp", "fsdp"))
     activation_checkpointing: bool = setting(False, "recompute each block's activations in the backward (less "
                                                     "memory, ~1/3 more compute)", resumable=True)
+    # tracking (sophia.lm.sinks): where else the events of metrics.jsonl go; a resume may change it all
+    log_to: str = setting("none", "also log to a comma list of tensorboard (DIR/tensorboard/) and wandb (DIR/wandb/; "
+                              "WANDB_MODE=offline works without network), or none; metrics.jsonl is always "
+                              "written", choices=("none", "tensorboard", "wandb"), comma_list=True, resumable=True)
+    wandb_project: str = setting("sophia-lab", "the W&B project (--log-to wandb)", resumable=True)
+    run_name: str | None = setting(None, "the run's name in W&B; None: the --out-dir's name", resumable=True)
+    run_group: str | None = setting(None, "the run's W&B group; bench converge gives its sweep's folder name",
+                                    resumable=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,21 +182,35 @@ class TrainConfig:
         if self.muon_lr is not None and not (math.isfinite(self.muon_lr) and self.muon_lr > 0):
             raise TrainError(f"--muon-lr must be a finite number > 0, got {self.muon_lr!r}")
         for f in fields(self):
-            choices = f.metadata["choices"]
-            if choices and getattr(self, f.name) not in choices:
-                raise TrainError(f"{flag(f.name)} must be {_one_of(choices)}, got {getattr(self, f.name)!r}")
+            choices, value = f.metadata["choices"], getattr(self, f.name)
+            given = value.split(",") if f.metadata["comma_list"] and isinstance(value, str) else [value]
+            if choices and any(v not in choices for v in given):
+                kind = "a comma list of " if f.metadata["comma_list"] else ""
+                raise TrainError(f"{flag(f.name)} must be {kind}{_one_of(choices)}, got {value!r}")
         if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
             raise TrainError(f"--eps must be a finite number > 0, got {self.eps!r}")
         for name in ("device_memory_gib", "peak_tflops", "dist_timeout_min"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise TrainError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v!r}")
+        self._check_log_to()
         entry = REGISTRY[self.optimizer]
         if self.parallel == "fsdp" and entry.fsdp_refusal is not None:
             raise TrainError(f"--parallel fsdp does not support --optimizer {self.optimizer}: it {entry.fsdp_refusal}; "
                              "use --parallel ddp")
         if self.compile and entry.second_order_graph:  # None (the default) just skips compiling
             raise TrainError(f"--compile does not support the double backward that {self.optimizer} needs")
+
+    def _check_log_to(self) -> None:
+        """--log-to's sinks have their packages installed (checked with the settings: before any work)."""
+        from sophia.lm.sinks import missing_packages, parse_log_to
+
+        names = parse_log_to(self.log_to)
+        missing = missing_packages(names)
+        if missing is not None:
+            raise TrainError(missing)
+        if "wandb" in names and not self.wandb_project.strip():
+            raise TrainError("--wandb-project must not be empty")
 
 
 def check_world_size(cfg: TrainConfig, world_size: int, saved_world_size: int | None = None) -> None:

@@ -5,7 +5,10 @@ Every event carries the run's counters (step, tokens, elapsed training seconds, 
 Training time is kept by a :class:`Clock` that the loop pauses over evaluation and checkpoints; speed is
 measured over windows of it (tokens per second and MFU between logged steps, and a steady window that leaves
 out compilation and the first steps after a (re)start). A sink is any object with ``write(event)`` (and
-optionally ``close()``); ``metrics.jsonl`` is always the first and the source of truth.
+optionally ``close()``); ``metrics.jsonl`` is always the first and the source of truth. The others (TensorBoard,
+W&B: :mod:`sophia.lm.sinks`) join through :meth:`Metrics.add_sink`, which guards them: one that fails to open,
+write or close (a full disk, the network) is reported once, in one line, and left out from then on; training goes
+on, and metrics.jsonl has every event.
 """
 
 from __future__ import annotations
@@ -119,6 +122,47 @@ class Sink(Protocol):
     def write(self, event: dict[str, Any]) -> None: ...
 
 
+class GuardedSink:
+    """A sink that may fail (TensorBoard, W&B) without stopping the run: the first exception of ``open``, ``write``
+    or ``close`` is reported through ``log`` in one line, and the sink is left out from then on.
+
+    >>> lines = []
+    >>> class Full:
+    ...     def write(self, event):
+    ...         raise OSError(28, "No space left on device")
+    >>> sink = GuardedSink("tensorboard", Full, lines.append)
+    >>> sink.write({"step": 3}); sink.write({"step": 4}); sink.close()
+    >>> len(lines), lines[0][:81]
+    (1, 'warning: --log-to tensorboard failed at step 3 (OSError: [Errno 28] No space left')
+    """
+
+    def __init__(self, name: str, open: Callable[[], Sink], log: Log | None) -> None:
+        self.name = name
+        self.log = log or _stderr
+        self.sink: Sink | None = None
+        self.sink = self._call("opening", open)
+
+    def _call(self, where: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 (whatever a sink raises, training goes on)
+            self.sink = None
+            why = " ".join(f"{type(e).__name__}: {e}".split())  # one line
+            self.log(f"warning: --log-to {self.name} failed {where} ({why}); it is off for the rest of this run "
+                     "(metrics.jsonl has every event)")
+            return None
+
+    def write(self, event: dict[str, Any]) -> None:
+        if self.sink is not None:
+            self._call(f"at step {event.get('step')}", self.sink.write, event)
+
+    def close(self) -> None:
+        sink, self.sink = self.sink, None
+        close = getattr(sink, "close", None)
+        if close is not None:
+            self._call("closing", close)
+
+
 class Clock:
     """Training seconds, added to ``counters["elapsed"]``: :meth:`lap` counts the time since the last lap,
     :meth:`restart` drops it (time spent on evaluation, checkpoints and logging is not training time)."""
@@ -163,6 +207,10 @@ class Metrics:
         for sink in self.sinks:
             sink.write(event)
         return event
+
+    def add_sink(self, name: str, open: Callable[[], Sink]) -> None:
+        """One more sink, ``open()``-ed now and guarded (:class:`GuardedSink`): its failures never stop the run."""
+        self.sinks.append(GuardedSink(name, open, self.log))
 
     def truncate_after(self, step: int) -> None:
         """A resumed run's log drops the events after its checkpoint's step."""
@@ -219,11 +267,13 @@ class Metrics:
                **{k: v for k, v in base.items() if k not in ("out_dir", "optimizer", "preset")}}
         out.update({f"steady_{k}": v for k, v in self.steady_speed().items()})
         if record and self.main and events:
-            self.jsonl.write({"step": c["step"], "event": "summary", **{k: v for k, v in out.items()
-                                                                          if k != "out_dir"}})
+            summary = {"step": c["step"], "event": "summary", **{k: v for k, v in out.items() if k != "out_dir"}}
+            for sink in self.sinks:
+                sink.write(summary)
         return out
 
     def close(self) -> None:
+        """Close every sink (the run is over, or stopped)."""
         for sink in self.sinks:
             close = getattr(sink, "close", None)
             if close is not None:
@@ -231,8 +281,8 @@ class Metrics:
 
 
 class Progress:
-    """The progress bar on stderr (rank 0, ``--progress``): steps, and the latest loss, validation loss and
-    speed."""
+    """The progress bar on stderr (rank 0, ``--progress``): steps, time left, and the latest training loss, lr,
+    validation loss and tokens per second."""
 
     def __init__(self, total: int, initial: int, enabled: bool) -> None:
         self.bar = None
@@ -243,10 +293,11 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
                             mininterval=1.0)
 
-    def show(self, train_loss: float, tokens_per_s: float) -> None:
+    def show(self, train_loss: float, lr: float, tokens_per_s: float) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{self.val:.3f}" if self.val else "-",
-                                 tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            self.bar.set_postfix_str(f"loss {train_loss:.3f}, lr {lr:.2e}, val "
+                                     f"{f'{self.val:.3f}' if self.val is not None else '-'}, "
+                                     f"{tokens_per_s:,.0f} tok/s", refresh=False)
 
     def update(self) -> None:
         if self.bar is not None:
@@ -257,4 +308,4 @@ class Progress:
             self.bar.close()
 
 
-__all__ = ["METRICS", "Clock", "Metrics", "MetricsLog", "Progress", "Sink", "read_metrics"]
+__all__ = ["METRICS", "Clock", "GuardedSink", "Metrics", "MetricsLog", "Progress", "Sink", "read_metrics"]

@@ -42,6 +42,7 @@ from sophia.lm.muon import cpu_has_native_bf16
 from sophia.lm.optimizers import OptimizerSettings, optimizer_entry
 from sophia.lm.schedule import due, lr_at
 from sophia.lm.signals import StopRequestedError, StopSignals
+from sophia.lm.sinks import attach_sinks
 from sophia.lm.tokenizers import parse_spec
 
 
@@ -187,6 +188,7 @@ class Trainer:
         if ranks.main:
             remove_stale(self.out_dir)  # temporary files and folders left by a kill during a save
             keep_tokenizer(self.out_dir, self.data.dir, log=self.log)
+            attach_sinks(self.metrics, cfg, resumed=ckpt is not None)  # --log-to: TensorBoard, W&B
 
     def _build_optimizer(self):
         cfg, entry = self.cfg, self.entry
@@ -304,6 +306,8 @@ class Trainer:
                 self.setup()
                 return self._loop()
         finally:
+            if getattr(self, "metrics", None) is not None:
+                self.metrics.close()
             self.dist.close()
 
     def _loop(self) -> dict[str, Any]:
@@ -398,7 +402,7 @@ class Trainer:
         self.metrics.event(event="train", train_loss=train_loss, lr=lr,
                            grad_norm=round(float(self._last_grad_norm.item()), 6),
                            skipped_steps=self.counters["skipped_steps"], **speed, **extra)
-        progress.show(train_loss, speed.get("tokens_per_s", 0))
+        progress.show(train_loss, lr, speed.get("tokens_per_s", 0))
 
     def _evaluate(self, lr: float) -> float:
         """The validation loss and attention statistics, logged (collectives: every rank calls it)."""

@@ -83,16 +83,35 @@ def _unchanged_result(out: Path, spec: dict[str, Any], analysis: dict[str, Any])
     return old
 
 
+def _tracking(out_dir: str, log_to: str | None, wandb_project: str | None) -> dict[str, Any] | None:
+    """The runs' tracking settings, checked as ``sophia train`` checks them (names, installed packages)."""
+    from sophia.lm.config import TrainConfig
+
+    if log_to is None:
+        if wandb_project is not None:
+            print("note: --wandb-project has no effect without --log-to wandb", file=sys.stderr)
+        return None
+    tracking = {"log_to": log_to, "run_group": Path(out_dir).resolve().name}
+    if wandb_project is not None:
+        tracking["wandb_project"] = wandb_project
+    TrainConfig(**tracking).validate()
+    return tracking
+
+
 def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = None, steps: int | None = None,
          seeds: int | None = None, lrs: dict[str, list[float]] | None = None, rhos: list[float] | None = None,
          eval_every: int | None = None, eval_batches: int | None = None, data_root: str = "data",
          jobs: int | None = None, quick: bool = False, command: str = "sophia bench converge", qk_norm: bool = False,
          device: str = "cpu", muon_ns_dtype: str | None = None, batch_size: int | None = None,
-         grad_accum: int | None = None) -> dict[str, Any]:
+         grad_accum: int | None = None, log_to: str | None = None,
+         wandb_project: str | None = None) -> dict[str, Any]:
     """The sweep (module docstring). Unset counts take ``DEFAULTS``, or ``QUICK_DEFAULTS`` with ``quick``, which
-    also means the one-layer model, no lr-grid growth, AdamW and SophiaG and small grids unless given."""
+    also means the one-layer model, no lr-grid growth, AdamW and SophiaG and small grids unless given.
+    ``log_to``/``wandb_project``: every run's ``sophia train --log-to``/``--wandb-project``, its W&B group the
+    sweep's folder name (not part of the sweep's settings: a continued sweep may change them)."""
     if device not in DEVICES:
         raise TrainError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    tracking = _tracking(out_dir, log_to, wandb_project)
     gpus = visible_gpus() if device == "cuda" else None
     if jobs is None:
         jobs = len(gpus) if gpus else 2
@@ -135,7 +154,8 @@ def main(out_dir: str, *, preset: str = "tiny", optimizers: list[str] | None = N
                              f"with the same options (more optimizers may be added: list the sweep's "
                              f"{','.join(saved.get('optimizers', []))} too) or choose another --out-dir")
     atomic_write_json(saved_path, spec)
-    sweep = Sweep(out, spec, jobs, log=lambda msg: print(msg, file=sys.stderr, flush=True), gpus=gpus)
+    sweep = Sweep(out, spec, jobs, log=lambda msg: print(msg, file=sys.stderr, flush=True), gpus=gpus,
+                  tracking=tracking)
     sweep.plan()
     analysis = analyse(sweep)
     kept = _unchanged_result(out, spec, analysis)

@@ -42,10 +42,13 @@ def visible_gpus() -> list[str]:
     return ids[: torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
 
 
-def train_argv(spec: dict[str, Any], s: Setting, run_dir: Path, device: str, resume: bool) -> list[str]:
+def train_argv(spec: dict[str, Any], s: Setting, run_dir: Path, device: str, resume: bool,
+               tracking: dict[str, Any] | None = None) -> list[str]:
     """The ``sophia train`` command line of setting ``s`` of the sweep ``spec``, writing into ``run_dir``; with
-    ``resume``, the one that continues it from its checkpoint."""
-    where = {"out_dir": str(run_dir), "progress": False, "device": device, "data_root": spec["data_root"]}
+    ``resume``, the one that continues it from its checkpoint. ``tracking``: the ``--log-to`` settings (``log_to``,
+    ``wandb_project``, ``run_group``), passed alike to new and resumed runs (a resume may change them)."""
+    where = {"out_dir": str(run_dir), "progress": False, "device": device, "data_root": spec["data_root"],
+             **(tracking or {})}
     head = [sys.executable, "-m", "sophia", "train"]
     if resume:
         return head + to_argv(where) + ["--resume"]
@@ -65,8 +68,9 @@ class Sweep:
     """Runs settings as subprocesses, at most ``jobs`` at a time, skipping finished ones."""
 
     def __init__(self, out: Path, spec: dict[str, Any], jobs: int, log: Callable[[str], Any] = print,
-                 gpus: list[str] | None = None) -> None:
+                 gpus: list[str] | None = None, tracking: dict[str, Any] | None = None) -> None:
         self.out, self.spec, self.jobs, self.log = out, spec, jobs, log
+        self.tracking = tracking  # train_argv's: the runs' --log-to, not part of the sweep's settings
         self.device = spec.get("device", "cpu")
         # GPU slots: the visible GPUs in turn, one slot per job (so jobs beyond the GPUs share them)
         self._slots: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -82,7 +86,7 @@ class Sweep:
         return self.runs_dir / s.name
 
     def command(self, s: Setting, resume: bool) -> list[str]:
-        return train_argv(self.spec, s, self.run_dir(s), self.device, resume)
+        return train_argv(self.spec, s, self.run_dir(s), self.device, resume, self.tracking)
 
     def execute(self, s: Setting) -> dict[str, Any]:
         d = self.run_dir(s)
