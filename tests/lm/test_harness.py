@@ -432,7 +432,7 @@ def test_a_refresh_on_a_fraction_uses_whole_micro_batches_when_it_can(corpus, tm
         logits, _ = ref(x)
         # the label draws are keyed by (seed, the step the refresh follows, rank, micro-batch)
         u = torch.rand(x.shape, generator=label_generator(t.device, cfg.seed, 2, 0, micro))
-        labels = sample_categorical_from_uniform(logits, u)  # the sampler itself: tests/test_hessian.py
+        labels = sample_categorical_from_uniform(logits, u)  # the sampler itself: tests/hessian/test_hessian.py
         (F.cross_entropy(logits.flatten(0, 1), labels.flatten()) / forwards).backward()
     n = forwards * rows * 16
     b2 = t.opt.param_groups[0]["betas"][1]

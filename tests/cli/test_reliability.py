@@ -19,7 +19,7 @@ import sophia
 from sophia.lm.checkpoint import list_checkpoints
 from sophia.lm.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
          "--eval-batches", "2", "--warmup-steps", "2", "--no-progress"]
 
