@@ -410,10 +410,6 @@ class Trainer:
         self.metrics.event(event="eval", val_loss=val_loss, lr=lr, **self.evaluator.attention(self.raw_model))
         return val_loss
 
-    def evaluate(self) -> float:
-        """The mean validation loss (a collective: every rank calls it)."""
-        return self.evaluator.loss(self.eval_model)
-
     def _stop_agreed(self, logged: bool) -> bool:
         """Whether to stop after this step: a signal on any rank, agreed by a collective at logged steps only
         under torchrun (no extra sync per step)."""
