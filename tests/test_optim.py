@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import io
 import math
+import os
+import shutil
 import warnings
 
 import pytest
@@ -12,11 +14,26 @@ import torch
 import torch.nn.functional as F
 
 from sophia import SophiaG, SophiaH, convert_authors_state_dict
+from sophia.optim import cpu_kernel
+from sophia.optim import functional as optim_functional
 from sophia.optim.functional import sophia_update
 
 OPTIMIZERS = [SophiaG, SophiaH]
-IMPLS = [dict(foreach=False), dict(foreach=True), dict(fused=True)]
-IMPL_IDS = ["for-loop", "foreach", "compiled"]
+# dict(): the default, on CPU the C++ kernel (those cases are skipped where it cannot be built)
+IMPLS = [dict(foreach=False), dict(foreach=True), dict(fused=True), dict()]
+IMPL_IDS = ["for-loop", "foreach", "compiled", "cpu-kernel"]
+
+
+def _skip_without_cpu_kernel():
+    if not cpu_kernel.available():
+        pytest.skip(f"the C++ CPU kernel cannot be built here ({cpu_kernel.unavailable_reason()})")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_kernel_cases_need_the_kernel(request):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and "cpu-kernel" in callspec.id:
+        _skip_without_cpu_kernel()
 
 
 # -- an independent float64 reference of the update (spec section 1) ---------------------
@@ -114,6 +131,265 @@ def test_foreach_and_compiled_equal_for_loop(maximize):
                 assert torch.equal(a, b), "foreach differs from the for-loop in float64"
             else:
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+# -- the C++ CPU kernel (the default on CPU) -------------------------------------------------------
+# Its arithmetic is the for-loop path's operation for operation, with torch's multiply-adds fused as torch's
+# AVX2/AVX-512 CPU kernels fuse them: bitwise equal to the loop where torch runs those and the kernel runs its
+# FMA variant, within float rounding elsewhere (e.g. its portable variant on x86, which rounds twice).
+EXACT = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _kernel_exact() -> bool:
+    info = cpu_kernel.kernel_info() or ""
+    return EXACT and ("AVX2+FMA" in info or "generic (FMA)" in info)
+
+
+@pytest.fixture(params=["best", "generic"])
+def kernel_variant(request):
+    """The kernel variant chosen for this CPU, then the portable one (as on CPUs without AVX2/FMA/F16C)."""
+    _skip_without_cpu_kernel()
+    cpu_kernel._set_variant(request.param)
+    yield request.param
+    cpu_kernel._set_variant("best")
+
+
+def _assert_same_as_loop(got, want, dtype):
+    if _kernel_exact():
+        assert torch.equal(got, want), (got - want).abs().max()
+    else:
+        eps = torch.finfo(dtype).eps
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        torch.testing.assert_close(got, want, rtol=2 * eps, atol=2 * eps * scale)
+
+
+def _unfused_step(ps, gs, ms, hs, lr, beta1, rho, weight_decay, eps, maximize):
+    """The update with every operation rounded on its own (a multiply-add rounds twice), each a separate torch
+    op in the op-math dtype, the result rounded once to the storage dtype: what the kernel's variant without
+    FMA computes, on any machine."""
+    for p, g, m, h in zip(ps, gs, ms, hs):
+        dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+        pf, gf, mf, hf = p.to(dt), g.to(dt), m.to(dt), h.to(dt)
+        gf = -gf if maximize else gf
+        w = torch.tensor(1 - beta1, dtype=dt)  # torch's lerp: the weight in op math, and 1 - w there too
+        diff = gf - mf
+        mf = mf + diff * w if abs(float(w)) < 0.5 else gf + diff * (w - 1)
+        denom = torch.clamp_min(hf * torch.tensor(rho, dtype=dt), torch.tensor(eps, dtype=dt))
+        ratio = torch.clamp(mf / denom, -1, 1)
+        pf = pf * torch.tensor(1 - lr * weight_decay, dtype=dt) + ratio * torch.tensor(-lr, dtype=dt)
+        m.copy_(mf)
+        p.copy_(pf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("beta1", [0.9, 0.3], ids=["small-weight", "large-weight"])  # torch's two lerp formulas
+def test_cpu_kernel_equals_the_for_loop(dtype, maximize, beta1, kernel_variant):
+    # odd sizes (vector tails), a zero-size tensor, and one larger than a thread's grain (both threads)
+    shapes = [(7, 3), (11,), (0,), (2, 3, 4), (1,), (257, 37), (70001,)]
+    g = torch.Generator().manual_seed(4)
+    base = [[torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes] for _ in range(3)]
+    base.append([(torch.randn(s, generator=g, dtype=torch.float64).abs() * torch.randint(0, 2, s, generator=g))
+                 .to(dtype) for s in shapes])  # some zero curvature: the eps floor and sign steps
+    settings = dict(lr=0.1, beta1=beta1, rho=0.3, weight_decay=0.2, eps=1e-12, maximize=maximize)
+    fused = "no FMA" not in cpu_kernel.kernel_info()
+    out = {}
+    for impl in ("for-loop", "cpu-kernel", "unfused"):
+        ps, gs, ms, hs = [[t.clone() for t in lst] for lst in base]
+        for _ in range(3):
+            if impl == "unfused":
+                _unfused_step(ps, gs, ms, hs, **settings)
+            else:
+                sophia_update(ps, gs, ms, hs, **settings, implementation=impl)
+        out[impl] = ps + ms
+    for got, loop, unfused in zip(out["cpu-kernel"], out["for-loop"], out["unfused"]):
+        assert got.dtype == dtype
+        if fused:
+            _assert_same_as_loop(got, loop, dtype)
+        else:  # rounding twice, wherever it runs
+            assert torch.equal(got, unfused), (got - unfused).abs().max()
+
+
+def test_cpu_kernel_propagates_nan_and_inf_like_the_loop():
+    _skip_without_cpu_kernel()
+    nan, inf = math.nan, math.inf
+    base = [[torch.tensor([1.0, 1.0, nan, 1.0, 1.0, -2.0, 0.5, inf])],
+            [torch.tensor([nan, 1.0, 1.0, inf, -inf, 0.0, 0.0, 1.0])],
+            [torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])],
+            [torch.tensor([1.0, nan, 1.0, 1.0, 1.0, inf, 0.0, 0.0])]]
+    out = {}
+    for impl in ("for-loop", "cpu-kernel"):
+        ps, gs, ms, hs = [[t.clone() for t in lst] for lst in base]
+        sophia_update(ps, gs, ms, hs, lr=0.1, beta1=0.9, rho=0.5, weight_decay=0.1, eps=1e-15, maximize=False,
+                      implementation=impl)
+        out[impl] = ps + ms
+    for got, want in zip(out["cpu-kernel"], out["for-loop"]):
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+
+
+def test_cpu_kernel_is_the_default_on_cpu_and_fused_false_is_the_loop(monkeypatch):
+    _skip_without_cpu_kernel()
+    def make():
+        return [torch.nn.Parameter(torch.linspace(-1, 1, 40).reshape(5, 8)), torch.nn.Parameter(torch.ones(3))]
+
+    def refused(*args, **kwargs):
+        raise AssertionError("this path should not run")
+
+    default, loop = make(), make()
+    with monkeypatch.context() as m:
+        m.setattr(optim_functional, "_single_tensor", refused)
+        opt = SophiaG(default, lr=0.1)
+        for p in default:
+            p.grad = torch.full_like(p, 0.5)
+        opt.step()  # the C++ kernel, not the loop
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernel, "sophia_step_", refused)
+        opt = SophiaG(loop, lr=0.1, fused=False)
+        for p in loop:
+            p.grad = torch.full_like(p, 0.5)
+        opt.step()
+    for a, b, start in zip(default, loop, make()):
+        _assert_same_as_loop(a.detach(), b.detach(), torch.float32)
+        assert not torch.equal(a.detach(), start.detach())
+
+
+def test_cpu_kernel_leaves_what_it_cannot_take_to_the_loop():
+    _skip_without_cpu_kernel()
+    g = torch.Generator().manual_seed(2)
+
+    def params():
+        g.manual_seed(2)
+        return [torch.nn.Parameter(torch.randn(6, 4, generator=g).t()),  # not contiguous: the loop takes it
+                torch.nn.Parameter(torch.randn(9, generator=g, dtype=torch.float64)),
+                torch.nn.Parameter(torch.randn(5, 3, generator=g).to(torch.bfloat16)),
+                torch.nn.Parameter(torch.randn(0, 3, generator=g)),
+                torch.nn.Parameter(torch.randn(33, generator=g)),
+                torch.nn.Parameter(torch.randn(3, generator=g))]  # never gets a gradient
+
+    runs = {}
+    for name, flags in (("kernel", {}), ("loop", dict(foreach=False))):
+        ps = params()
+        assert not ps[0].is_contiguous()
+        opt = SophiaG(ps, lr=0.05, **flags)
+        data = torch.Generator().manual_seed(3)
+        for t in range(4):
+            for p in ps[:-1]:
+                p.grad = torch.randn(p.shape, generator=data).to(p.dtype)
+            opt.step()
+            if t == 1:
+                opt.update_hessian(bs=8)
+        assert ps[-1] not in opt.state
+        runs[name] = [p.detach().clone() for p in ps] + [opt.state[p]["exp_avg"] for p in ps[:-1]]
+    for got, want in zip(runs["kernel"], runs["loop"]):
+        _assert_same_as_loop(got, want, got.dtype)
+
+
+@pytest.mark.parametrize("src,dst", [(dict(), dict(foreach=False)), (dict(foreach=False), dict()),
+                                     (dict(), dict(foreach=True))],
+                         ids=["kernel-to-for-loop", "for-loop-to-kernel", "kernel-to-foreach"])
+def test_state_dicts_move_between_the_cpu_kernel_and_the_other_paths(src, dst):
+    _skip_without_cpu_kernel()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    opt = SophiaG(model.parameters(), lr=3e-3, **src)
+    _train(model, opt, 7, data_seed=1)
+    saved = copy.deepcopy(opt.state_dict())
+    model2 = copy.deepcopy(model)
+    opt2 = SophiaG(model2.parameters(), lr=0.5, **dst)
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["foreach"] == src.get("foreach")  # the saved flags come along, as torch's do
+    for group in opt2.param_groups:  # continue on the destination's own path
+        group.update(foreach=dst.get("foreach"), fused=dst.get("fused"))
+    _train(model, opt, 6, data_seed=2)
+    _train(model2, opt2, 6, data_seed=2)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        _assert_same_as_loop(b.detach(), a.detach(), torch.float32)
+
+
+def test_cpu_kernel_steps_are_in_place_updates_that_autograd_sees():
+    _skip_without_cpu_kernel()
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = SophiaG([p], lr=0.1)
+    p.grad = torch.ones(4)
+    y = (p * p).sum()  # saves p for its backward
+    version = p._version
+    opt.step()
+    assert p._version > version and opt.state[p]["exp_avg"]._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_under_torch_compile_the_default_step_is_traced_and_matches_the_kernel():
+    # the kernel is opaque to the compiler: inside torch.compile the loop is traced and compiled instead
+    _skip_without_cpu_kernel()
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3000))
+    q = torch.nn.Parameter(p.detach().clone())
+    compiled_opt, eager_opt = SophiaG([p], lr=0.05, weight_decay=0.1), SophiaG([q], lr=0.05, weight_decay=0.1)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step():
+        compiled_opt.step()
+
+    for _ in range(3):
+        g = torch.randn(3000)
+        p.grad, q.grad = g.clone(), g.clone()
+        step()
+        eager_opt.step()
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(compiled_opt.state[p]["exp_avg"], eager_opt.state[q]["exp_avg"])
+
+
+def test_ninja_installed_beside_the_interpreter_is_found_without_an_activated_environment(monkeypatch, tmp_path):
+    ninja = pytest.importorskip("ninja")
+    compiler = shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler here")
+    (tmp_path / "c++").symlink_to(compiler)
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without the environment's bin folder or /usr/bin
+    monkeypatch.delenv("CXX", raising=False)
+    assert cpu_kernel._missing_tool() is None
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+
+
+def test_without_a_compiler_the_step_warns_once_and_uses_the_loop(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("no C++ compiler ('c++' not found)")
+
+    monkeypatch.setattr(cpu_kernel, "_op", None)
+    monkeypatch.setattr(cpu_kernel, "_failure", None)
+    monkeypatch.setattr(cpu_kernel, "_load", no_compiler)
+    p, q = torch.nn.Parameter(torch.linspace(-1, 1, 7)), torch.nn.Parameter(torch.linspace(-1, 1, 7))
+    opt, loop = SophiaG([p], lr=0.1), SophiaG([q], lr=0.1, foreach=False)
+    with pytest.warns(RuntimeWarning, match=r"C\+\+ CPU kernel .* not available \(RuntimeError: no C\+\+ compiler"):
+        p.grad = torch.ones(7)
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        p.grad = -torch.ones(7)
+        opt.step()
+    for g in (torch.ones(7), -torch.ones(7)):
+        q.grad = g
+        loop.step()
+    assert torch.equal(p.detach(), q.detach())
+    assert not cpu_kernel.available() and "no C++ compiler" in cpu_kernel.unavailable_reason()
+
+
+def test_a_missing_compiler_is_named_before_any_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler .*no-such-c\\+\\+"):
+        cpu_kernel._load()
+    assert not list(tmp_path.rglob("*.o"))
+
+
+def test_cpu_kernel_builds_where_a_compiler_and_ninja_are_present():
+    missing = cpu_kernel._missing_tool()
+    if missing is not None:
+        pytest.skip(f"cannot build the C++ CPU kernel here: {missing}")
+    assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
+    assert cpu_kernel.kernel_info()
 
 
 def test_compiled_float32_close_to_eager():

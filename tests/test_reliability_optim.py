@@ -424,3 +424,35 @@ def test_a_setting_corrupted_after_construction_fails_the_refresh_before_anythin
         else:
             opt.update_hessian(estimates=[torch.ones(3, dtype=torch.float64)] * 2)
     _assert_unchanged(opt, snap)
+
+
+# -- the C++ CPU kernel's build ------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_kernel_build_killed_midway_does_not_block_later_ones(tmp_path):
+    # A killed build leaves torch's lock file (on which torch's builder would wait forever) and a partial
+    # library; the next processes, two at once here, must clean up, build once and load it.
+    import os
+    import subprocess
+    import sys
+
+    from sophia.optim import cpu_kernel
+
+    missing = cpu_kernel._missing_tool()
+    if missing is not None:
+        pytest.skip(f"cannot build the C++ CPU kernel here: {missing}")
+    directory = tmp_path / f"sophia_lab_cpu_{cpu_kernel._digest()}"
+    directory.mkdir()
+    (directory / "lock").write_text("")
+    (directory / f"{directory.name}.so").write_bytes(b"\x7fELF, cut short")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    code = ("import warnings; warnings.simplefilter('error')\n"
+            "from sophia.optim import cpu_kernel\n"
+            "assert cpu_kernel.available(), cpu_kernel.unavailable_reason()\n"
+            "print(cpu_kernel.kernel_info())\n")
+    runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    for run in runs:
+        out, err = run.communicate(timeout=900)
+        assert run.returncode == 0, err[-2000:]
+        assert out.strip()
+    assert (directory / "built").exists() and not (directory / "lock").exists()

@@ -97,6 +97,10 @@ def _variants(shapes, dtype, include_compiled: bool, device: torch.device) -> li
     add("SophiaG foreach", "sophiag", lambda ps: SophiaG(ps, lr=1e-4, foreach=True))
     if include_compiled:
         add("SophiaG fused (compiled)", "sophiag", lambda ps: SophiaG(ps, lr=1e-4, fused=True))
+    from sophia.optim import cpu_kernel
+
+    if device.type == "cpu" and cpu_kernel.available():  # SophiaG's default on CPU where it builds
+        add("SophiaG C++ kernel (default)", "sophiag", lambda ps: SophiaG(ps, lr=1e-4))
     if include_compiled and device.type == "cuda":
         add("SophiaG compiled + CUDA graph", "sophiag", lambda ps: SophiaG(ps, lr=1e-4, cuda_graph=True))
     add("SophiaH step (no refresh)", "sophiah",

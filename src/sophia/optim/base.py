@@ -344,10 +344,16 @@ class SophiaBase(Optimizer):
         if group["fused"]:
             return "compiled"
         if group["foreach"] is None:
-            # The fastest path without a compiler: multi-tensor kernels on CUDA; on CPU the
-            # per-tensor loop (torch's CPU foreach ops are loops that allocate more; measured
-            # 2.4x slower in benchmarks/results/step).
-            return "foreach" if all(p.is_cuda for p in params) else "for-loop"
+            # The fastest path that needs no torch.compile: multi-tensor kernels on CUDA; on CPU the C++
+            # kernel (one pass over all tensors; benchmarks/results/step-cpu-floor), unless fused=False or it
+            # cannot be built, then the per-tensor loop (torch's CPU foreach ops are loops that allocate
+            # more; measured 2.4x slower in benchmarks/results/step).
+            # Inside torch.compile the loop is traced and fused by the compiler instead (the kernel is opaque to it).
+            if all(p.is_cuda for p in params):
+                return "foreach"
+            if group["fused"] is None and not torch.compiler.is_compiling() and F.cpu_kernel_usable(params):
+                return "cpu-kernel"
+            return "for-loop"
         return "foreach" if group["foreach"] else "for-loop"
 
     # -- the update -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The Sophia update as pure functions over lists of tensors.
 
-One rule, three implementations that must agree:
+One rule, four implementations that must agree (the C++ kernel bitwise with the for-loop on CPUs where
+torch runs its AVX2/AVX-512 kernels; the compiled one within float32 rounding):
 
     m = b1 * m + (1 - b1) * g                    (g negated when maximizing)
     p = p * (1 - lr * weight_decay)
@@ -8,7 +9,7 @@ One rule, three implementations that must agree:
 
 ``h`` is the running diagonal Hessian estimate (already multiplied by the number of
 predictions for Gauss-Newton-Bartlett); refreshing it is done elsewhere
-(:func:`hessian_ema`).
+(:func:`hessian_ema`). The C++ kernel (``"cpu-kernel"``) lives in :mod:`sophia.optim.cpu_kernel`.
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from sophia.optim import cpu_kernel
+
 __all__ = [
     "IMPLEMENTATIONS",
+    "cpu_kernel_usable",
     "hessian_ema",
     "hessian_ema_from_grads",
     "sophia_update",
     "unclipped_count",
 ]
 
-IMPLEMENTATIONS = ("for-loop", "foreach", "compiled")
+IMPLEMENTATIONS = ("for-loop", "foreach", "compiled", "cpu-kernel")
 
 
 def sophia_update(
@@ -51,6 +55,8 @@ def sophia_update(
         fn = _multi_tensor
     elif implementation == "compiled":
         fn = _compiled
+    elif implementation == "cpu-kernel":
+        fn = _cpu_kernel
     else:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     fn(list(params), list(grads), list(exp_avgs), list(hessians),
@@ -123,6 +129,39 @@ def _multi_tensor(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_deca
         if low:
             torch._foreach_copy_(stored_ms, ms)
             torch._foreach_copy_(stored_ps, ps)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _plain_cpu(t: Tensor) -> bool:
+    # tensor subclasses (DTensor, ...) have their own dispatch: they take the per-tensor loop
+    return type(t) in _PLAIN and t.is_cpu
+
+
+def cpu_kernel_usable(params: Sequence[Tensor]) -> bool:
+    """Whether the C++ CPU kernel can step ``params`` (plain CPU tensors); builds or loads it on first use
+    (a one-line warning and False where no C++ compiler is present)."""
+    return bool(params) and all(_plain_cpu(p) for p in params) and cpu_kernel.available()
+
+
+def _cpu_kernel(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps, maximize):
+    # One pass over all tensors in C++. The per-tensor loop takes what the kernel does not: parameters that are
+    # tensor subclasses (their gradients and state are too), tensors the kernel returns (not contiguous, other
+    # dtypes), and everything where the kernel cannot be built.
+    everything = range(len(params))
+    mine = [i for i in everything if _plain_cpu(params[i])]
+    rest: Sequence[int] = everything
+    if mine and cpu_kernel.available():
+        lists = (params, grads, exp_avgs, hessians)
+        if len(mine) < len(params):
+            lists = tuple([t[i] for i in mine] for t in lists)
+        skipped = cpu_kernel.sophia_step_(*lists, lr=lr, beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps,
+                                          maximize=maximize)
+        rest = sorted(set(everything) - set(mine) | {mine[i] for i in skipped})
+    if rest:
+        _single_tensor([params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
+                       [hessians[i] for i in rest], lr, beta1, rho, weight_decay, eps, maximize)
 
 
 def _compiled_body(params, grads, exp_avgs, hessians, lr, one_minus_beta1, rho, decay, eps, maximize: bool):

@@ -45,9 +45,16 @@ class SophiaG(SophiaBase):
             scripts). The optimizer keeps the clock (saved in the state dict); the refresh itself is the
             caller's (:func:`sophia.hessian.gnb_refresh`), since it needs the model and a batch.
         foreach: ``True`` selects the multi-tensor (``torch._foreach_*``) path, ``False`` the
-            per-tensor loop; ``None`` (default): multi-tensor on CUDA, the loop on CPU (faster there).
-        fused: ``True`` selects the compiled path (``torch.compile``; compiles on the first
-            step, needs a C++ compiler on CPU or Triton on GPU).
+            per-tensor loop; ``None`` (default): multi-tensor on CUDA; on CPU as ``fused`` says.
+        fused: ``None`` (default, with ``foreach=None``): on CPU a C++ kernel that updates all tensors of a
+            group in one vectorised, multi-threaded pass (:mod:`sophia.optim.cpu_kernel`; bitwise equal to the
+            per-tensor loop on AVX2/AVX-512 CPUs; its speed against torch's fused AdamW:
+            ``benchmarks/results/step-cpu-floor``). It is built on the first step (about 30 s, once: torch's
+            extension cache keeps it; needs a C++ compiler and ninja); where it cannot be built, a one-line
+            warning and the per-tensor loop. ``True`` selects the compiled path (``torch.compile``; compiles on
+            the first step, needs a C++ compiler on CPU or Triton on GPU). ``False``: no fused kernel, the
+            loop or multi-tensor path as ``foreach`` says. All paths compute in float32 (float64 for float64
+            parameters), store half-precision results rounded once, and keep the same state dict.
         cuda_graph: ``True`` (CUDA only) replays the compiled update from a captured CUDA graph,
             which removes its Python and launch overhead. It needs the gradients and state at
             fixed addresses from step to step (``zero_grad(set_to_none=False)``); while they

@@ -48,7 +48,7 @@ class SophiaH(SophiaBase):
 
     Args:
         params, lr, betas, rho, weight_decay, eps, maximize, foreach, fused, cuda_graph: as in
-            :class:`~sophia.SophiaG`.
+            :class:`~sophia.SophiaG` (its step between refreshes is SophiaG's: on CPU the C++ kernel by default).
         hessian_interval: k, the number of steps between Hessian refreshes (as SophiaG's).
         update_period: the former name of ``hessian_interval``; accepted with a DeprecationWarning (and
             state dicts and param groups that use it are read as ``hessian_interval``).
