@@ -20,8 +20,10 @@ from sophia.optim.functional import sophia_update
 
 OPTIMIZERS = [SophiaG, SophiaH]
 # dict(): the default, on CPU the C++ kernel (those cases are skipped where it cannot be built)
-IMPLS = [dict(foreach=False), dict(foreach=True), dict(fused=True), dict()]
-IMPL_IDS = ["for-loop", "foreach", "compiled", "cpu-kernel"]
+# fused="triton" steps CPU tensors through the multi-tensor path here (the Triton kernel is CUDA's, or the
+# interpreter's under TRITON_INTERPRET=1: tests/optim/test_triton_kernel.py)
+IMPLS = [dict(foreach=False), dict(foreach=True), dict(fused=True), dict(), dict(fused="triton")]
+IMPL_IDS = ["for-loop", "foreach", "compiled", "cpu-kernel", "triton"]
 
 
 def _skip_without_cpu_kernel():
@@ -803,7 +805,10 @@ def test_cuda_graph_parameters_moved_off_the_gpu_later_are_refused_at_step(cls):
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(cuda_graph=1), "cuda_graph must be a bool"),
-                                          (dict(cuda_graph=True, foreach=True), "excludes foreach")])
+                                          (dict(cuda_graph=True, foreach=True), "excludes foreach"),
+                                          (dict(cuda_graph=True, fused="triton"), "excludes fused='triton'"),
+                                          (dict(foreach=True, fused="triton"), "fused='triton' are exclusive"),
+                                          (dict(fused="cuda"), "fused must be True, False, None or 'triton'")])
 def test_cuda_graph_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SophiaG([torch.nn.Parameter(torch.randn(2))], **kwargs)

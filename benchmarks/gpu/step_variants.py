@@ -1,13 +1,16 @@
 """Where does SophiaG's CUDA step time go? An exploration, not a product path.
 
-Times, on the GPT-2-small parameter set (fp32, CUDA), side by side and interleaved:
+Times, on the GPT-2-small parameter set (fp32 by default, CUDA), side by side and interleaved:
 AdamW(fused=True); SophiaG foreach and compiled as shipped; the compiled body with inductor's
-combo kernels (several tensors per kernel); and the foreach and compiled bodies replayed from a
-captured CUDA graph (no Python, no launch overhead). Usage: python benchmarks/gpu/step_variants.py
+combo kernels (several tensors per kernel); the foreach and compiled bodies replayed from a
+captured CUDA graph (no Python, no launch overhead); and the Triton multi-tensor kernel
+(sophia.optim.triton_kernel, one launch for all tensors) at a few block sizes, plain and replayed
+from a CUDA graph. Usage: python benchmarks/gpu/step_variants.py [--dtype bfloat16]
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -16,15 +19,16 @@ import torch
 from sophia.bench.step import PRESETS, gpt_like_shapes
 from sophia.optim import SophiaG
 from sophia.optim import functional as F
+from sophia.optim import triton_kernel as TK
 
 
-def main(rounds: int = 30) -> None:
+def main(rounds: int = 30, dtype: torch.dtype = torch.float32) -> None:
     dev = torch.device("cuda")
     shapes = gpt_like_shapes(**PRESETS["gpt2-small"])
     n = sum(torch.Size(s).numel() for s in shapes)
 
     def tensors():
-        return [torch.randn(s, device=dev) for s in shapes]
+        return [torch.randn(s, device=dev).to(dtype) for s in shapes]
 
     grads = tensors()
 
@@ -85,6 +89,37 @@ def main(rounds: int = 30) -> None:
         except Exception as e:
             print(f"{name} failed: {type(e).__name__}: {str(e)[:300]}")
 
+    # the Triton multi-tensor kernel: one launch over all tensors; its block size and warps are not tuned yet
+    hp = dict(lr=1e-4, beta1=0.965, rho=0.05, weight_decay=0.1, eps=1e-15, maximize=False)
+    if TK.available():
+        default = (TK.BLOCK, TK.NUM_WARPS)
+        st_triton = state()
+        for block, warps in ((1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)):
+            def step(block=block, warps=warps):
+                TK.BLOCK, TK.NUM_WARPS = block, warps
+                TK.sophia_step_(*st_triton, **hp)
+
+            try:
+                step()  # compiles, builds the tables
+                variants[f"Triton kernel, BLOCK={block}, {warps} warps"] = step
+            except Exception as e:
+                print(f"Triton kernel {block}/{warps} failed: {type(e).__name__}: {str(e)[:300]}")
+        TK.BLOCK, TK.NUM_WARPS = default
+        try:
+            variants["Triton kernel, CUDA graph"] = captured(lambda *a: TK.sophia_step_(*a, **hp), state())
+        except Exception as e:
+            print(f"Triton kernel, CUDA graph failed: {type(e).__name__}: {str(e)[:300]}")
+        # one step against the for-loop path, on copies: the timings are of a correct kernel
+        ps, gs, ms, hs = state()
+        ps2, ms2 = [p.clone() for p in ps], [m.clone() for m in ms]
+        TK.sophia_step_(ps, gs, ms, hs, **hp)
+        F.sophia_update(ps2, gs, ms2, hs, implementation="for-loop", **hp)
+        same = all(torch.equal(a, b) for a, b in zip(ps + ms, ps2 + ms2))
+        worst = max(float((a.double() - b.double()).abs().max()) for a, b in zip(ps + ms, ps2 + ms2))
+        print(f"Triton kernel vs for-loop path: {'bitwise equal' if same else f'max abs difference {worst:.3g}'}")
+    else:
+        print(f"Triton kernel not available: {TK.unavailable_reason() or 'no triton or no CUDA'}")
+
     for v in variants.values():
         v()
     times = {k: [] for k in variants}
@@ -102,8 +137,8 @@ def main(rounds: int = 30) -> None:
             if r >= 3:
                 times[k].append(time.perf_counter() - t)
     ref = statistics.median(times["AdamW fused"])
-    floor = 6 * 4 * n / 4.1e12
-    print(f"{n / 1e6:.1f}M fp32 parameters in {len(shapes)} tensors, {torch.cuda.get_device_name()}, "
+    floor = 6 * torch.empty((), dtype=dtype).element_size() * n / 4.1e12
+    print(f"{n / 1e6:.1f}M {dtype} parameters in {len(shapes)} tensors, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}; SophiaG byte floor at 4.1 TB/s: {floor * 1e3:.2f} ms")
     print("| variant | median ms | / AdamW fused |\n|---|---:|---:|")
     for k, ts in times.items():
@@ -112,4 +147,8 @@ def main(rounds: int = 30) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+    main(args.rounds, getattr(torch, args.dtype))

@@ -103,6 +103,10 @@ def _variants(shapes, dtype, include_compiled: bool, device: torch.device) -> li
         add("SophiaG C++ kernel (default)", "sophiag", lambda ps: SophiaG(ps, lr=1e-4))
     if include_compiled and device.type == "cuda":
         add("SophiaG compiled + CUDA graph", "sophiag", lambda ps: SophiaG(ps, lr=1e-4, cuda_graph=True))
+    from sophia.optim import triton_kernel
+
+    if device.type == "cuda" and triton_kernel.available():  # the opt-in Triton multi-tensor kernel
+        add("SophiaG Triton kernel (fused='triton')", "sophiag", lambda ps: SophiaG(ps, lr=1e-4, fused="triton"))
     add("SophiaH step (no refresh)", "sophiah",
         lambda ps: SophiaH(ps, lr=1e-4, hessian_interval=10 ** 9))
     add("AdamW for-loop", "adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=False))

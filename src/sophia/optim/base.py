@@ -85,11 +85,14 @@ def validate_hyperparameters(group: Mapping[str, Any], owner: str) -> None:
     for flag in ("maximize", "cuda_graph"):
         if not isinstance(group[flag], bool):
             raise ValueError(f"{owner}: {flag} must be a bool, got {group[flag]!r}")
-    for flag in ("foreach", "fused"):
-        if group[flag] is not None and not isinstance(group[flag], bool):
-            raise ValueError(f"{owner}: {flag} must be True, False or None, got {group[flag]!r}")
+    if group["foreach"] is not None and not isinstance(group["foreach"], bool):
+        raise ValueError(f"{owner}: foreach must be True, False or None, got {group['foreach']!r}")
+    if group["fused"] is not None and not isinstance(group["fused"], bool) and group["fused"] != "triton":
+        raise ValueError(f"{owner}: fused must be True, False, None or 'triton', got {group['fused']!r}")
     if group["foreach"] and group["fused"]:
-        raise ValueError(f"{owner}: foreach=True and fused=True are exclusive; choose one")
+        raise ValueError(f"{owner}: foreach=True and fused={group['fused']!r} are exclusive; choose one")
+    if group["cuda_graph"] and group["fused"] == "triton":
+        raise ValueError(f"{owner}: cuda_graph=True replays the compiled update; it excludes fused='triton'")
     if group["cuda_graph"] and group["foreach"]:
         raise ValueError(f"{owner}: cuda_graph=True replays the compiled update; it excludes foreach=True")
 
@@ -341,6 +344,13 @@ class SophiaBase(Optimizer):
             if not all(p.is_cuda for p in params):
                 raise ValueError(f"{type(self).__name__}: cuda_graph=True needs CUDA parameters")
             return "cuda-graph"
+        if group["fused"] == "triton":
+            # Opt-in: one Triton launch for all CUDA tensors of the group (sophia.optim.triton_kernel); the
+            # multi-tensor path takes what it does not. Inside torch.compile the multi-tensor path is traced instead
+            # (the kernel's raw-pointer tables are opaque to the compiler).
+            if torch.compiler.is_compiling():
+                return "foreach"
+            return "triton"
         if group["fused"]:
             return "compiled"
         if group["foreach"] is None:

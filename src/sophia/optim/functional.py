@@ -9,7 +9,8 @@ torch runs its AVX2/AVX-512 kernels; the compiled one within float32 rounding):
 
 ``h`` is the running diagonal Hessian estimate (already multiplied by the number of
 predictions for Gauss-Newton-Bartlett); refreshing it is done elsewhere
-(:func:`hessian_ema`). The C++ kernel (``"cpu-kernel"``) lives in :mod:`sophia.optim.cpu_kernel`.
+(:func:`hessian_ema`). The C++ kernel (``"cpu-kernel"``) lives in :mod:`sophia.optim.cpu_kernel`, the Triton
+kernel for CUDA (``"triton"``) in :mod:`sophia.optim.triton_kernel`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from sophia.optim import cpu_kernel
+from sophia.optim import cpu_kernel, triton_kernel
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -31,7 +32,7 @@ __all__ = [
     "unclipped_count",
 ]
 
-IMPLEMENTATIONS = ("for-loop", "foreach", "compiled", "cpu-kernel")
+IMPLEMENTATIONS = ("for-loop", "foreach", "compiled", "cpu-kernel", "triton")
 
 
 def sophia_update(
@@ -57,6 +58,8 @@ def sophia_update(
         fn = _compiled
     elif implementation == "cpu-kernel":
         fn = _cpu_kernel
+    elif implementation == "triton":
+        fn = _triton
     else:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     fn(list(params), list(grads), list(exp_avgs), list(hessians),
@@ -162,6 +165,19 @@ def _cpu_kernel(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay,
     if rest:
         _single_tensor([params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
                        [hessians[i] for i in rest], lr, beta1, rho, weight_decay, eps, maximize)
+
+
+def _triton(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps, maximize):
+    # One Triton launch per (device, dtype) over the plain, contiguous CUDA tensors; the multi-tensor path takes
+    # the indices it returns (tensor subclasses, other devices, non-contiguous tensors) and everything where
+    # Triton or CUDA is missing.
+    rest: Sequence[int] = range(len(params))
+    if triton_kernel.available():
+        rest = triton_kernel.sophia_step_(params, grads, exp_avgs, hessians, lr=lr, beta1=beta1, rho=rho,
+                                          weight_decay=weight_decay, eps=eps, maximize=maximize)
+    if rest:
+        _multi_tensor([params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
+                      [hessians[i] for i in rest], lr, beta1, rho, weight_decay, eps, maximize)
 
 
 def _compiled_body(params, grads, exp_avgs, hessians, lr, one_minus_beta1, rho, decay, eps, maximize: bool):

@@ -52,7 +52,10 @@ class SophiaG(SophiaBase):
             ``benchmarks/results/step-cpu-floor``). It is built on the first step (about 30 s, once: torch's
             extension cache keeps it; needs a C++ compiler and ninja); where it cannot be built, a one-line
             warning and the per-tensor loop. ``True`` selects the compiled path (``torch.compile``; compiles on
-            the first step, needs a C++ compiler on CPU or Triton on GPU). ``False``: no fused kernel, the
+            the first step, needs a C++ compiler on CPU or Triton on GPU). ``"triton"`` (opt-in, CUDA): one
+            Triton kernel launch for all CUDA tensors of the group (:mod:`sophia.optim.triton_kernel`; bitwise
+            equal to the per-tensor loop by construction, not yet measured on a GPU); where Triton is missing,
+            and for tensors it does not take, the multi-tensor path. ``False``: no fused kernel, the
             loop or multi-tensor path as ``foreach`` says. All paths compute in float32 (float64 for float64
             parameters), store half-precision results rounded once, and keep the same state dict.
         cuda_graph: ``True`` (CUDA only) replays the compiled update from a captured CUDA graph,
@@ -92,7 +95,7 @@ class SophiaG(SophiaBase):
         eps: float = 1e-15,
         maximize: bool = False,
         foreach: bool | None = None,
-        fused: bool | None = None,
+        fused: bool | str | None = None,
         cuda_graph: bool = False,
         hessian_interval: int = 10,
     ) -> None:

@@ -83,7 +83,7 @@ class SophiaH(SophiaBase):
         eps: float = 1e-15,
         maximize: bool = False,
         foreach: bool | None = None,
-        fused: bool | None = None,
+        fused: bool | str | None = None,
         cuda_graph: bool = False,
         hessian_interval: int = 10,
         distribution: str = "rademacher",
