@@ -300,6 +300,25 @@ def test_tables_are_reused_and_lr_may_change():
 
 
 @needs_kernel
+def test_a_plan_used_in_a_capture_is_never_evicted(monkeypatch):
+    # a CUDA graph replays the launch and keeps reading the plan's device tables: they must stay alive
+    K._plans.clear()
+    ps, gs, ms, hs = _state([5], torch.float32, seed=6)
+    K.sophia_step_(ps, gs, ms, hs, maximize=False, **HP)  # planned outside a capture
+    monkeypatch.setattr(K, "_capturing", lambda: True)
+    K.sophia_step_(ps, gs, ms, hs, maximize=False, **HP)  # the call a capture would record
+    monkeypatch.setattr(K, "_capturing", lambda: False)
+    (captured,) = K._plans.values()
+    assert captured.pinned
+    others = [_state([3 + i], torch.float32, seed=10 + i) for i in range(K._CACHE_SIZE + 3)]
+    for o in others:  # more new tensor sets than the cache holds
+        K.sophia_step_(*o, maximize=False, **HP)
+    assert captured in K._plans.values()
+    assert sum(not v.pinned for v in K._plans.values()) == K._CACHE_SIZE  # the rest still bounded
+    K._plans.clear()
+
+
+@needs_kernel
 def test_empty_lists_and_length_mismatch():
     assert K.sophia_step_([], [], [], [], maximize=False, **HP) == []
     ps, gs, ms, hs = _state([0, 0], torch.float32)

@@ -20,7 +20,7 @@ Design:
   so, for 16-byte vector loads), maximize, and the lerp branch (``1 - beta1 < 0.5``, as torch's lerp).
 * CUDA graphs: a call whose tables are cached launches only, and can be captured (the first call with new
   tensors copies tables to the device, which a capture forbids). A captured launch keeps reading its tables,
-  valid while they stay cached (the 8 most recently used tensor sets).
+  so a plan used during a capture is pinned: never evicted from the cache, for the life of the process.
 * Full blocks run unmasked; only each tensor's last block is masked (a mask against a loaded size would
   keep the compiler from vectorising every block).
 
@@ -240,10 +240,23 @@ class _Plan:
     """What one list of tensors needs: the indices the kernel leaves to the caller, the indices it steps (for
     their version counters), and its launches."""
 
-    __slots__ = ("skipped", "stepped", "groups")
+    __slots__ = ("skipped", "stepped", "groups", "pinned")
 
     def __init__(self, skipped: list[int], stepped: list[int], groups: list[_Group]) -> None:
         self.skipped, self.stepped, self.groups = skipped, stepped, groups
+        self.pinned = False  # used in a CUDA-graph capture: its device tables must outlive the graph
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _remember(key: tuple, plan: _Plan) -> None:
+    """Cache a plan, dropping the least recently used unpinned ones beyond the cache size (call under _lock)."""
+    _plans[key] = plan
+    unpinned = [k for k, v in _plans.items() if not v.pinned]
+    for k in unpinned[:max(0, len(unpinned) - _CACHE_SIZE)]:
+        del _plans[k]
 
 
 def _takes(p: Tensor, g: Tensor, m: Tensor, h: Tensor, device_type: str) -> bool:
@@ -313,9 +326,12 @@ def sophia_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
         plan = _plan(params, grads, exp_avgs, hessians, block)
         if key is not None:
             with _lock:
-                _plans[key] = plan
-                if len(_plans) > _CACHE_SIZE:
-                    _plans.popitem(last=False)
+                _remember(key, plan)
+    if not plan.pinned and plan.groups and _capturing():
+        if key is None:
+            raise RuntimeError("sophia's Triton kernel cannot be captured in a CUDA graph for tensors whose "
+                               "addresses cannot be read")
+        plan.pinned = True
     if plan.stepped:  # in-place updates: bump the version counters, as torch's own in-place ops do
         if not plan.skipped:
             torch.autograd.graph.increment_version([*params, *exp_avgs])
