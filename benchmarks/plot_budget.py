@@ -17,7 +17,9 @@ give the second column of the table the same way.
 Against the batch size, targets common to every sweep: the worst final mean loss of any optimizer at any
 batch size (every mean curve reaches it) and AdamW's worst (tighter). Steps to a target are read off the
 mean curve over the fresh seeds, interpolated between evaluations. With perfect batch scaling a doubled
-batch halves them: the "per doubling" factor is 2 there and 1 where the batch no longer helps.
+batch halves them: the "per doubling" factor is 2 there and 1 where the batch no longer helps. The trend of
+SophiaG's step ratio against AdamW (AdamW's steps to a loss over SophiaG's) is the least-squares line of
+log ratio on log batch (:func:`trend`): its factor per doubling, and where, extrapolated, it would reach 1.
 """
 
 from __future__ import annotations
@@ -176,6 +178,28 @@ def batch_collect(dirs: list[str]) -> tuple[list[dict], dict[str, float]]:
     return rows, targets
 
 
+def trend(points: list[tuple[float, float]]) -> dict | None:
+    """A ratio's trend against the batch: the least-squares line of log2(ratio) on log2(tokens per step).
+
+    Returns the factor by which the ratio changes per doubling of the batch, and the tokens per step at which
+    the line reaches 1 (None where it moves away from 1, or is flat), from two or more points with positive
+    ratios; None otherwise. An extrapolation, to be read as such."""
+    pts = [(math.log2(b), math.log2(r)) for b, r in points if b > 0 and r and r > 0]
+    if len(pts) < 2:
+        return None
+    mx = statistics.fmean(x for x, _ in pts)
+    my = statistics.fmean(y for _, y in pts)
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    if sxx == 0:
+        return None
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
+    # the line reaches log2(ratio) = 0 ahead of the last batch size only if it moves towards it
+    cross = None
+    if slope != 0 and my != 0 and (slope > 0) == (my < 0):
+        cross = 2 ** (mx - my / slope)
+    return {"per_doubling": 2 ** slope, "crosses_one_at_tokens_per_step": cross, "points": len(pts)}
+
+
 def _fmt(x: float | None, spec: str, none: str = "-") -> str:
     return none if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
@@ -271,11 +295,44 @@ def batch_main(out: str, *dirs: str) -> None:
                 cells.append(f"{_fmt(s_, '.0f', 'not reached')} | {_fmt(factor, '.2f')}")
                 prev[n] = (b, s_)
             lines.append(f"| {b:,} | " + " | ".join(cells) + " |")
+    trends = {}
+    for n in names:
+        if n == ref:
+            continue
+        mine = sorted((r for r in rows if r["optimizer"] == n), key=lambda r: r["tokens_per_step"])
+        series = {f"AdamW's steps to {NAMES[n]}'s final loss / {NAMES[n]}'s":
+                  [(r["tokens_per_step"], (r.get("adamw_reaches_its_loss") or {}).get("steps")) for r in mine]}
+        for label in targets:
+            pairs = []
+            for r in mine:
+                a_ = next((x for x in rows if x["optimizer"] == ref and x["sweep"] == r["sweep"]), None)
+                s_ = (r["to_targets"][label] or {}).get("steps")
+                sa = (a_["to_targets"][label] or {}).get("steps") if a_ else None
+                pairs.append((r["tokens_per_step"], sa / s_ if s_ and sa else None))
+            series[f"AdamW's steps to {label} / {NAMES[n]}'s"] = pairs
+        for what, pts in series.items():
+            trends[what] = {"points": [[b, v] for b, v in pts], "fit": trend([(b, v) for b, v in pts if v])}
+    if trends:
+        lines += ["", "## The trend of the step ratio (below 1: SophiaG needs more steps than AdamW)", "",
+                  "| ratio | " + " | ".join(f"{b:,}" for b in sorted({r['tokens_per_step'] for r in rows}))
+                  + " | per doubling (fit) | reaches 1x at (tokens/step, extrapolated) |",
+                  "|---|" + "---:|" * (len({r['tokens_per_step'] for r in rows}) + 2)]
+        for what, t in trends.items():
+            fit = t["fit"] or {}
+            cross = fit.get("crosses_one_at_tokens_per_step")
+            used = f" ({fit['points']} points)" if fit else ""
+            lines.append(f"| {what} | " + " | ".join(_fmt(v, ".2f", "not reached") for _, v in t["points"])
+                         + f" | {_fmt(fit.get('per_doubling'), '.3f')}{used} | "
+                         + (f"{cross:,.0f}" if cross else ("never: moving away from 1" if fit else "-")) + " |")
+        lines += ["", "Per doubling: the factor by which the ratio changes when the batch doubles, from the "
+                  "least-squares line of log ratio on log batch over the points shown (above 1: SophiaG "
+                  "gaining on AdamW as the batch grows)."]
     lines += ["", "Plot: `batch.png` (left: steps to each target against tokens per step, log-log, with perfect "
               "scaling dotted; right: SophiaG's final loss over AdamW's, and AdamW's steps to SophiaG's loss over "
               "SophiaG's)."]
     (out_dir / "batch.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "batch.json").write_text(json.dumps({"command": cmd, "targets": targets, "rows": rows}, indent=2) + "\n")
+    summary = {"command": cmd, "targets": targets, "rows": rows, "trends": trends}
+    (out_dir / "batch.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n".join(lines))
 
 
