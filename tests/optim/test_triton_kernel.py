@@ -319,6 +319,64 @@ def test_a_plan_used_in_a_capture_is_never_evicted(monkeypatch):
 
 
 @needs_kernel
+def test_the_same_addresses_with_another_dtype_or_layout_get_a_new_plan():
+    # the caching allocator hands a freed block to tensors of any dtype: the plan must not be found by address
+    K._plans.clear()
+    bufs = [torch.zeros(256, dtype=torch.float64, device=DEVICE) for _ in range(4)]
+    gen = torch.Generator().manual_seed(8)
+    for b in bufs:
+        b.copy_(torch.rand(256, generator=gen, dtype=torch.float64))
+    hp = dict(HP, maximize=False)
+    K.sophia_step_(*[[b[:64]] for b in bufs], **hp)  # float64 tensors at these addresses
+    # the same bytes as float32, the same element count: another dtype at the same addresses
+    views = [b.view(torch.float32)[:64] for b in bufs]
+    tail = bufs[0].view(torch.float32)[64:].clone()
+    ps0, gs, ms0, hs = ([v.clone()] for v in views)
+    K.sophia_step_(*[[v] for v in views], **hp)
+    _check_all(ps0, gs, ms0, hs, [views[0]], [views[2]], hp)  # stepped as float32
+    assert torch.equal(bufs[0].view(torch.float32)[64:], tail), "bytes past the parameter were written"
+    assert len(K._plans) == 2
+    # a non-contiguous gradient at the address of a contiguous one
+    a = torch.rand(8, 16, generator=gen).to(DEVICE)
+    p, m, h = (torch.rand(16, 8, generator=gen).to(DEVICE) for _ in range(3))
+    K.sophia_step_([p], [a.view(16, 8)], [m], [h], **hp)
+    before = (p.clone(), m.clone())
+    g = a.view(8, 16).t()  # same address, transposed
+    assert K.sophia_step_([p], [g], [m], [h], **hp) == [0]  # not taken: the caller steps it
+    assert torch.equal(p, before[0]) and torch.equal(m, before[1])
+    K._plans.clear()
+
+
+@needs_kernel
+def test_new_tensors_inside_a_capture_are_refused_clearly(monkeypatch):
+    K._plans.clear()
+    ps, gs, ms, hs = _state([9], torch.float32, seed=7)
+    monkeypatch.setattr(K, "_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="outside the capture first"):
+        K.sophia_step_(ps, gs, ms, hs, maximize=False, **HP)
+
+
+def test_version_counters_are_bumped_on_a_torch_that_takes_one_tensor_at_a_time(monkeypatch):
+    # torch < 2.5: increment_version takes one tensor; the list form raises there
+    import torch.autograd.graph as graph
+
+    real = graph.increment_version
+    calls = []
+
+    def one_at_a_time(t):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError("increment_version expect a Tensor as input")
+        calls.append(t)
+        real(t)
+
+    monkeypatch.setattr(graph, "increment_version", one_at_a_time)
+    ts = [torch.zeros(2), torch.zeros(3)]
+    versions = [t._version for t in ts]
+    K._increment_versions(ts)
+    assert len(calls) == 2 and all(t._version > v for t, v in zip(ts, versions))
+
+
+@needs_kernel
 def test_empty_lists_and_length_mismatch():
     assert K.sophia_step_([], [], [], [], maximize=False, **HP) == []
     ps, gs, ms, hs = _state([0, 0], torch.float32)

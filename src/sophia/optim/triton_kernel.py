@@ -10,10 +10,11 @@ Design:
   addresses, cast to pointers of the group's dtype inside the kernel); each program of the launch steps one
   block of ``BLOCK`` elements of one tensor, named by one int64 word ``tensor << 32 | block``. Rows and
   words are one int64 tensor, copied to the device once per new set of tensors.
-* Caching. The tables are keyed by the tensors' addresses and sizes (with the device, dtype and block
-  size), the only things they encode, and kept in a small LRU: a steady training loop, whose tensors keep
-  their storage, rebuilds and copies nothing (moved gradients, e.g. after ``zero_grad(set_to_none=True)``,
-  cost one rebuild, or none when the allocator hands back the same addresses).
+* Caching. The tables are keyed by every tensor's address, dtype, size, contiguity and type (the allocator
+  gives a freed address to tensors of any dtype, so addresses alone would not do) and kept in an LRU of 64
+  (one plan per param group): a steady training loop, whose tensors keep their storage, rebuilds and copies
+  nothing (moved gradients, e.g. after ``zero_grad(set_to_none=True)``, cost one rebuild, or none when the
+  allocator hands back the same addresses).
 * Hyperparameters are run-time kernel arguments (float64 bit patterns, unspecialised), converted to the
   computation dtype in the kernel: a scheduler changing lr every step never recompiles. What is compiled
   per variant is the dtype, whether all of a tensor's addresses are 16-byte aligned (then they are declared
@@ -55,7 +56,7 @@ __all__ = ["BLOCK", "NUM_WARPS", "available", "sophia_step_", "unavailable_reaso
 BLOCK = 2048
 NUM_WARPS = 4
 
-_CACHE_SIZE = 8  # plans kept (least recently used dropped): several groups or optimizers in one process
+_CACHE_SIZE = 64  # plans kept (least recently used dropped): one per param group and optimizer in the process
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _PLAIN = (Tensor, torch.nn.Parameter)
 
@@ -289,14 +290,27 @@ def _plan(params, grads, exp_avgs, hessians, block: int) -> _Plan:
     return _Plan(skipped, stepped, groups)
 
 
+def _signature(t: Tensor) -> tuple:
+    # everything _takes and _plan read from a tensor: where it is, and what it holds there
+    return t.data_ptr(), t.dtype, t.numel(), t.is_contiguous(), t.is_neg(), type(t)
+
+
 def _key(params, grads, exp_avgs, hessians, block: int) -> tuple | None:
-    """The cache key of a list: every tensor's address and the parameters' sizes. None where an address
-    cannot be read (tensor subclasses that have none): such lists are planned anew at every call."""
+    """The cache key of a list: every tensor's address, dtype, size, contiguity and type (the caching allocator
+    hands a freed address to tensors of any dtype, so the address alone does not identify a plan). None where
+    an address cannot be read (tensors without storage): such lists are planned anew at every call."""
     try:
-        return (block, int(NUM_WARPS), tuple(map(Tensor.data_ptr, chain(params, grads, exp_avgs, hessians))),
-                tuple(map(Tensor.numel, params)))
+        return (block, int(NUM_WARPS), tuple(map(_signature, chain(params, grads, exp_avgs, hessians))))
     except Exception:
         return None
+
+
+def _increment_versions(tensors: list[Tensor]) -> None:
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except (TypeError, RuntimeError):  # torch < 2.5 takes one tensor at a time
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
 
 
 def sophia_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -307,10 +321,11 @@ def sophia_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
     index of one dtype, device and size. Returns the indices of the others, left untouched. One launch per
     (device, dtype, 16-byte aligned or not) group, on the current stream. Call :func:`available` first.
 
-    Which indices it takes, and its device tables, are cached by the tensors' addresses and the parameters'
-    sizes: like the CUDA-graph path, it trusts that tensors found at the same addresses with the same sizes
-    keep their dtype and layout (a set of tensors reallocated in the same place, as gradients re-created by
-    backward, do)."""
+    Which indices it takes, and its device tables, are cached by every tensor's address, dtype, size,
+    contiguity and type: tensors re-created in the same place with the same layout (gradients re-created by
+    backward) reuse the plan; anything else is planned anew. Inside a CUDA-graph capture it must find its
+    plan cached (run one step with the same tensors outside the capture first), and the captured launch keeps
+    the hyperparameters of that call (a scheduler's later lr does not reach a replay)."""
     if _kernel is None:
         raise RuntimeError("sophia's Triton kernel is not loaded; call sophia.optim.triton_kernel.available() first")
     n = len(params)
@@ -323,6 +338,10 @@ def sophia_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
         if plan is not None:
             _plans.move_to_end(key)
     if plan is None:
+        if _capturing():
+            raise RuntimeError("sophia's Triton kernel: these tensors are new to it inside a CUDA-graph capture, "
+                               "which forbids copying its tables to the device; run one step with the same "
+                               "tensors outside the capture first")
         plan = _plan(params, grads, exp_avgs, hessians, block)
         if key is not None:
             with _lock:
@@ -334,9 +353,9 @@ def sophia_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
         plan.pinned = True
     if plan.stepped:  # in-place updates: bump the version counters, as torch's own in-place ops do
         if not plan.skipped:
-            torch.autograd.graph.increment_version([*params, *exp_avgs])
+            _increment_versions([*params, *exp_avgs])
         else:
-            torch.autograd.graph.increment_version([t for i in plan.stepped for t in (params[i], exp_avgs[i])])
+            _increment_versions([t for i in plan.stepped for t in (params[i], exp_avgs[i])])
     if not plan.groups:
         return list(plan.skipped)
     lr, beta1, weight_decay, maximize = float(lr), float(beta1), float(weight_decay), bool(maximize)
