@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     call = Call(command="sophia " + shlex.join(sys.argv[1:] if argv is None else argv),  # what the reports record
                 whole_process=argv is None)
-    missing = missing_extra(args.command)
+    sub = getattr(args, args.command, None)  # a group's chosen subcommand (its dest is the group's name)
+    missing = missing_extra(args.command, sub if isinstance(sub, str) else None)
     if missing is not None:  # before any work: nothing computed, nothing written
         print(f"error: {missing}", file=sys.stderr)
         return 1
