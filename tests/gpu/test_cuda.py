@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 OPTIMIZERS = [SophiaG, SophiaH]
 IMPLS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "compiled": dict(fused=True),
-         "cuda-graph": dict(cuda_graph=True), "default": {}}
+         "cuda-graph": dict(cuda_graph=True), "default": {}, "triton": dict(fused="triton")}
 
 
 def _formula(p, g, m, h, lr, b1, rho, wd, eps):
@@ -64,7 +64,7 @@ def test_float64_on_cuda_matches_formula_on_cpu(cls, impl):
 
 def test_float32_paths_agree_on_cuda():
     results = []
-    for impl in ("for-loop", "foreach", "compiled", "cuda-graph"):
+    for impl in ("for-loop", "foreach", "compiled", "cuda-graph", "triton"):
         gen = torch.Generator(device="cuda").manual_seed(3)
         params = [torch.randn(s, generator=gen, device="cuda").requires_grad_(True)
                   for s in [(256, 128), (128,), (1000,)]]
@@ -81,6 +81,40 @@ def test_float32_paths_agree_on_cuda():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_a_model_trained_with_the_triton_kernel_follows_the_loop_bitwise():
+    # a real training loop (an MLP on a fixed task, fp32, refreshes from sampled-label-like estimates, gradients
+    # re-created by backward every step, a new lr every step): the two paths' trajectories must be the same bits
+    finals = []
+    for impl in (dict(fused="triton"), dict(foreach=False)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.GELU(), torch.nn.Linear(256, 256),
+                                    torch.nn.GELU(), torch.nn.Linear(256, 10)).cuda()
+        opt = SophiaG(model.parameters(), lr=3e-3, weight_decay=0.1, hessian_interval=5, **impl)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        x = torch.randn(512, 32, generator=gen, device="cuda")
+        y = torch.randint(0, 10, (512,), generator=gen, device="cuda")
+        for t in range(60):
+            for group in opt.param_groups:
+                group["lr"] = 3e-3 * (1 - t / 60)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if t % 5 == 4:  # GNB: labels sampled from the model, gradient of the mean loss
+                logits = model(x)
+                sampled = torch.distributions.Categorical(logits=logits.detach()).sample()
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(logits, sampled).backward()
+                opt.update_hessian(bs=512)
+        if impl.get("fused") == "triton":
+            assert opt._implementation(opt.param_groups[0], list(model.parameters())) == "triton"
+        finals.append(([p.detach().clone() for p in model.parameters()], float(loss)))
+    (a, loss_a), (b, loss_b) = finals
+    assert loss_a == loss_b
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa, pb)
+
+
 def test_cuda_graph_warns_once_when_gradients_keep_moving():
     p = torch.nn.Parameter(torch.randn(1000, device="cuda"))
     opt = SophiaG([p], lr=1e-2, cuda_graph=True)
@@ -91,7 +125,7 @@ def test_cuda_graph_warns_once_when_gradients_keep_moving():
     assert next(iter(opt._graphs.values())).replays == 0
 
 
-@pytest.mark.parametrize("impl", ["for-loop", "foreach", "compiled", "cuda-graph"])
+@pytest.mark.parametrize("impl", ["for-loop", "foreach", "compiled", "cuda-graph", "triton"])
 def test_bf16_steps_follow_the_formula_on_cuda(impl):
     # bf16 trajectories of the paths drift apart by a few units in the last place (the loop rounds
     # after the decay and after the update, the compiled kernel once), so each step is checked against
