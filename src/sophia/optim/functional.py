@@ -137,6 +137,11 @@ def _multi_tensor(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_deca
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
+def _pick(lists: Sequence[Sequence[Tensor]], indices: Sequence[int]) -> list[list[Tensor]]:
+    """The entries at ``indices`` of each of the (params, grads, exp_avgs, hessians) lists."""
+    return [[t[i] for i in indices] for t in lists]
+
+
 def _plain_cpu(t: Tensor) -> bool:
     # tensor subclasses (DTensor, ...) have their own dispatch: they take the per-tensor loop
     return type(t) in _PLAIN and t.is_cpu
@@ -152,19 +157,16 @@ def _cpu_kernel(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay,
     # One pass over all tensors in C++. The per-tensor loop takes what the kernel does not: parameters that are
     # tensor subclasses (their gradients and state are too), tensors the kernel returns (not contiguous, other
     # dtypes), and everything where the kernel cannot be built.
+    lists = (params, grads, exp_avgs, hessians)
     everything = range(len(params))
     mine = [i for i in everything if _plain_cpu(params[i])]
     rest: Sequence[int] = everything
     if mine and cpu_kernel.available():
-        lists = (params, grads, exp_avgs, hessians)
-        if len(mine) < len(params):
-            lists = tuple([t[i] for i in mine] for t in lists)
-        skipped = cpu_kernel.sophia_step_(*lists, lr=lr, beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps,
-                                          maximize=maximize)
+        skipped = cpu_kernel.sophia_step_(*(lists if len(mine) == len(params) else _pick(lists, mine)), lr=lr,
+                                          beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize)
         rest = sorted(set(everything) - set(mine) | {mine[i] for i in skipped})
     if rest:
-        _single_tensor([params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
-                       [hessians[i] for i in rest], lr, beta1, rho, weight_decay, eps, maximize)
+        _single_tensor(*_pick(lists, rest), lr, beta1, rho, weight_decay, eps, maximize)
 
 
 def _triton(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps, maximize):
@@ -176,8 +178,7 @@ def _triton(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps
         rest = triton_kernel.sophia_step_(params, grads, exp_avgs, hessians, lr=lr, beta1=beta1, rho=rho,
                                           weight_decay=weight_decay, eps=eps, maximize=maximize)
     if rest:
-        _multi_tensor([params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
-                      [hessians[i] for i in rest], lr, beta1, rho, weight_decay, eps, maximize)
+        _multi_tensor(*_pick((params, grads, exp_avgs, hessians), rest), lr, beta1, rho, weight_decay, eps, maximize)
 
 
 def _compiled_body(params, grads, exp_avgs, hessians, lr, one_minus_beta1, rho, decay, eps, maximize: bool):
